@@ -1,0 +1,79 @@
+"""Writing checkpoints: safetensors files in ``checkpoints/r000042/``, hashed, then recorded.
+
+A checkpoint is written to a hidden partial folder, each file fsynced, and the folder renamed
+into place; only then is the ledger entry appended. A crash before the append leaves at most
+an unrecorded folder, which the next checkpoint of the same round replaces.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from coordinator.audit import file_record
+from peer.data import Corpus, heldout_windows
+from peer.model import build_model, heldout_loss, load_parameters
+from peer.state import RoundState, StateLayout
+from protocol.manifest import RunManifest
+from protocol.records import FileRecord
+
+__all__ = ["CheckpointWriter", "MODEL_FILE", "OUTER_FILE"]
+
+MODEL_FILE = "model.safetensors"
+OUTER_FILE = "outer.safetensors"
+
+
+def _fsync_file(path: Path) -> None:
+    with path.open("rb") as handle:
+        os.fsync(handle.fileno())
+
+
+class CheckpointWriter:
+    """Writes a round's state as files, hashes them, and scores held-out loss."""
+
+    def __init__(self, folder: Path, manifest: RunManifest, corpus: Corpus):
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.model_config = manifest.config.model
+        self.model = build_model(self.model_config)
+        self.layout = StateLayout.of(self.model)
+        self.windows = heldout_windows(corpus, manifest.config.data)
+
+    def path(self, round: int) -> Path:
+        return self.folder / f"r{round:06d}"
+
+    def write(self, state: RoundState) -> list[FileRecord]:
+        """Write ``state`` as ``r<round>/{model,outer}.safetensors``; return their records."""
+        final = self.path(state.round)
+        partial = self.folder / f".{final.name}.partial"
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir()
+        try:
+            for name, flat in ((MODEL_FILE, state.parameters), (OUTER_FILE, state.momentum)):
+                tensors = {n: t.clone().contiguous() for n, t in self.layout.views(flat).items()}
+                save_file(tensors, str(partial / name), metadata={"round": str(state.round)})
+                _fsync_file(partial / name)
+            if final.exists():
+                shutil.rmtree(final)  # an unrecorded leftover of an earlier attempt at this round
+            os.replace(partial, final)
+        except BaseException:
+            shutil.rmtree(partial, ignore_errors=True)
+            raise
+        return self.records(state.round)
+
+    def records(self, round: int) -> list[FileRecord]:
+        """File records of an existing checkpoint folder (model file first)."""
+        return [file_record(self.path(round) / name) for name in (MODEL_FILE, OUTER_FILE)]
+
+    def heldout_loss(self, state: RoundState) -> float:
+        load_parameters(self.model, self.layout.views(state.parameters))
+        return round(heldout_loss(self.model, self.windows), 6)
+
+    def genesis(self) -> RoundState:
+        """Round 0: the freshly initialised model and zero momentum."""
+        flat = torch.nn.utils.parameters_to_vector(build_model(self.model_config).parameters()).detach()
+        return RoundState(0, flat, torch.zeros_like(flat))

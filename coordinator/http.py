@@ -1,0 +1,82 @@
+"""The coordinator's read-only HTTP view (aiohttp).
+
+aiohttp, not FastAPI: the coordinator is one asyncio process whose tracker loop already runs
+on the event loop, and aiohttp serves on that same loop without an ASGI server, streams
+checkpoint files with ``FileResponse`` (sendfile), and adds no schema layer we would not use:
+every response here is either signed bytes, JSON Lines we already produce, or a small JSON.
+
+    GET /manifest        the signed manifest (canonical msgpack bytes)
+    GET /manifest.json   the same, as JSON
+    GET /public-key      the coordinator's Ed25519 public key (PEM)
+    GET /bootstrap       {"maddrs": [...]}: the coordinator's DHT node, then live peers
+    GET /status          global round, live peers, samples, loss, last checkpoint
+    GET /ledger.jsonl    the ledger, one signed entry per line
+    GET /checkpoints/r000042/model.safetensors   a checkpoint file
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Callable
+from pathlib import Path
+
+from aiohttp import web
+
+__all__ = ["build_app", "HttpView"]
+
+_CHECKPOINT_DIR = re.compile(r"\Ar\d{6}\Z")
+_CHECKPOINT_FILE = re.compile(r"\A[A-Za-z0-9_.-]{1,128}\.safetensors\Z")
+
+
+class HttpView:
+    """What the HTTP handlers read; the service keeps it up to date."""
+
+    def __init__(self, *, manifest_bytes: bytes, manifest_json: dict, public_key_pem: bytes, checkpoints: Path,
+                 ledger_jsonl: Callable[[], str], status: Callable[[], dict], bootstrap: Callable[[], list[str]]):
+        self.manifest_bytes = manifest_bytes
+        self.manifest_json = manifest_json
+        self.public_key_pem = public_key_pem
+        self.checkpoints = checkpoints
+        self.ledger_jsonl = ledger_jsonl
+        self.status = status
+        self.bootstrap = bootstrap
+
+
+def build_app(view: HttpView) -> web.Application:
+    async def manifest(_request: web.Request) -> web.Response:
+        return web.Response(body=view.manifest_bytes, content_type="application/msgpack")
+
+    async def manifest_json(_request: web.Request) -> web.Response:
+        return web.json_response(view.manifest_json)
+
+    async def public_key(_request: web.Request) -> web.Response:
+        return web.Response(body=view.public_key_pem, content_type="application/x-pem-file")
+
+    async def bootstrap(_request: web.Request) -> web.Response:
+        return web.json_response({"maddrs": view.bootstrap()})
+
+    async def status(_request: web.Request) -> web.Response:
+        return web.json_response(view.status(), dumps=lambda o: json.dumps(o, allow_nan=False))
+
+    async def ledger(_request: web.Request) -> web.Response:
+        return web.Response(text=view.ledger_jsonl(), content_type="application/jsonl")
+
+    async def checkpoint(request: web.Request) -> web.StreamResponse:
+        folder, name = request.match_info["folder"], request.match_info["name"]
+        if not _CHECKPOINT_DIR.match(folder) or not _CHECKPOINT_FILE.match(name):
+            raise web.HTTPNotFound(text="no such checkpoint file")
+        path = view.checkpoints / folder / name
+        if not path.is_file():
+            raise web.HTTPNotFound(text="no such checkpoint file")
+        return web.FileResponse(path)
+
+    app = web.Application(client_max_size=1024)
+    app.router.add_get("/manifest", manifest)
+    app.router.add_get("/manifest.json", manifest_json)
+    app.router.add_get("/public-key", public_key)
+    app.router.add_get("/bootstrap", bootstrap)
+    app.router.add_get("/status", status)
+    app.router.add_get("/ledger.jsonl", ledger)
+    app.router.add_get("/checkpoints/{folder}/{name}", checkpoint)
+    return app

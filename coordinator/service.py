@@ -1,0 +1,176 @@
+"""The coordinator's process: one uvloop event loop running the HTTP view and the tracker.
+
+    barnraise-coordinator launch RUN.toml --workdir run-1
+
+Every blocking swarm call (DHT reads, state downloads, hashing) runs in a worker thread with
+a deadline, so the HTTP view stays responsive. Peers never wait on this process: it only
+reads their progress and, every K rounds, downloads one peer's state to record a checkpoint.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import uvloop
+from aiohttp import web
+
+from coordinator.http import HttpView, build_app
+from coordinator.launch import LaunchedRun, prepare_run
+from coordinator.swarm import SwarmMemory, start_bootstrap_node
+from coordinator.tracker import Tracker
+from peer.join import state_from_peer
+from peer.progress import MANIFEST_KEY, PROGRESS_TTL, read_progress
+from peer.swarm import SwarmNode
+from peer.workdir import write_atomic
+from protocol.errors import DeadlineExceeded, InputError, MalformedRecord, TransportError, VerificationError
+from protocol.ledger import next_entry
+from protocol.manifest import RunConfig
+from protocol.signing import public_key_to_pem
+
+__all__ = ["CoordinatorOptions", "serve"]
+
+_POLL_SECONDS = 2.0
+_MANIFEST_REFRESH = 30.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class CoordinatorOptions:
+    run_config: Path
+    workdir: Path
+    host: str = "127.0.0.1"
+    """Address for both the HTTP view and the DHT node."""
+    http_port: int = 8470
+    on_line: Callable[[str], None] = print
+
+
+class Coordinator:
+    """Holds the run, the swarm node and the tracker; ``tick`` is one pass of the loop."""
+
+    def __init__(self, options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode, memory: SwarmMemory):
+        self.options, self.run, self.node, self.memory = options, run, node, memory
+        self.tracker = Tracker(run.manifest.run_id)
+        self.tracker.seed_from_ledger(run.ledger.head())
+        self.manifest_stored_at = time.monotonic()
+
+    def say(self, text: str) -> None:
+        self.options.on_line(f"[coordinator] {text}")
+
+    def bootstrap(self) -> list[str]:
+        return self.node.maddrs + self.tracker.peer_maddrs()[:8]
+
+    def tick(self) -> None:
+        """Read progress; refresh the manifest in the DHT; record a checkpoint when due."""
+        self.tracker.update(read_progress(self.node, self.run.manifest.run_id))
+        if time.monotonic() - self.manifest_stored_at > _MANIFEST_REFRESH:
+            self.node.store(MANIFEST_KEY, self.run.signed.to_bytes(), ttl=PROGRESS_TTL)
+            self.manifest_stored_at = time.monotonic()
+        if peers := self.tracker.peer_maddrs():
+            self.memory.peer_maddrs = peers
+            self.memory.save()
+        head = self.run.ledger.head()
+        every = self.run.manifest.config.checkpoints.every_rounds
+        if self.tracker.global_round >= head.round + every:
+            self.checkpoint()
+
+    def checkpoint(self) -> None:
+        manifest, head = self.run.manifest, self.run.ledger.head()
+        timeout = manifest.config.averaging.round_deadline_seconds * 2
+        try:
+            record_bytes, tensors = self.node.download_state(timeout=timeout)
+            start = state_from_peer(record_bytes, tensors, manifest, self.run.checkpoints.layout)
+        except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
+            self.say(f"checkpoint postponed: {error}")
+            return
+        if start.state.round <= head.round:
+            self.say(f"checkpoint postponed: the state served is of round {start.state.round}, not past {head.round}")
+            return
+        files = self.run.checkpoints.write(start.state)
+        entry = next_entry(
+            self.run.key, head, run_id=manifest.run_id, round=start.state.round, created_at=time.time(),
+            files=files, contributors=self.tracker.contributions(),
+            heldout_loss=self.run.checkpoints.heldout_loss(start.state),
+        )
+        self.run.ledger.append(entry)
+        self.say(
+            f"checkpoint {entry.seq}: round {entry.round}, held-out loss {entry.heldout_loss:.3f}, "
+            f"root {entry.checkpoint_root[:16]}, {len(entry.contributors)} contributors, {entry.total_samples} samples"
+        )
+
+    def http_view(self) -> HttpView:
+        signed = self.run.signed
+        return HttpView(
+            manifest_bytes=signed.to_bytes(),
+            manifest_json=signed.to_wire(),
+            public_key_pem=public_key_to_pem(signed.manifest.coordinator_key),
+            checkpoints=self.run.checkpoints.folder,
+            ledger_jsonl=self.run.ledger.export_jsonl,
+            status=lambda: self.tracker.status(self.run.ledger.head()),
+            bootstrap=self.bootstrap,
+        )
+
+
+async def _loop(coordinator: Coordinator, stop: asyncio.Event) -> None:
+    while not stop.is_set():
+        await asyncio.to_thread(coordinator.tick)
+        try:
+            await asyncio.wait_for(stop.wait(), timeout=_POLL_SECONDS)
+        except TimeoutError:
+            pass
+
+
+async def _serve(options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode, memory: SwarmMemory) -> None:
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for signum in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(signum, stop.set)
+    endpoint = options.workdir / "endpoint.json"
+    coordinator = Coordinator(options, run, node, memory)
+    runner = web.AppRunner(build_app(coordinator.http_view()), access_log=None)
+    await runner.setup()
+    try:
+        site = web.TCPSite(runner, options.host, options.http_port)
+        await site.start()
+        port = runner.addresses[0][1]
+        url = f"http://{options.host}:{port}"
+        write_atomic(endpoint, json.dumps({"url": url, "maddrs": node.maddrs, "pid": os.getpid()}).encode())
+        head = run.ledger.head()
+        verb = "resumed" if run.resumed else "launched"
+        coordinator.say(f"{verb} run {run.manifest.config.name} ({run.manifest.run_id}); ledger at entry {head.seq}, round {head.round}")
+        coordinator.say(f"join with: barnraise-peer join --coordinator {url}")
+        await _loop(coordinator, stop)
+        coordinator.say("stopping")
+    finally:
+        endpoint.unlink(missing_ok=True)
+        await runner.cleanup()
+
+
+def serve(options: CoordinatorOptions) -> int:
+    """Launch or resume the run and serve until SIGINT/SIGTERM; returns the exit code."""
+    config = RunConfig.from_toml(_read_config(options.run_config))
+    run = prepare_run(config, options.workdir)
+    try:
+        # hivemind starts its processes from the main thread, before the event loop runs.
+        node, memory = start_bootstrap_node(options.workdir, options.host, run.signed, run.checkpoints.layout.size)
+        try:
+            uvloop.run(_serve(options, run, node, memory))
+        finally:
+            node.shutdown()
+    finally:
+        run.ledger.close()
+    return 0
+
+
+def _read_config(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"run config {path} does not exist") from None
+    except (OSError, UnicodeDecodeError) as error:
+        raise InputError(f"cannot read run config {path}: {error}") from None

@@ -1,0 +1,60 @@
+"""The coordinator's adapter to the swarm: a bootstrap DHT node with a stable identity and
+port, and a client-mode averager used only to download state for checkpoints."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from peer.progress import MANIFEST_KEY, PROGRESS_TTL
+from peer.swarm import SwarmNode
+from peer.workdir import write_atomic
+from protocol.manifest import SignedManifest
+
+__all__ = ["start_bootstrap_node", "SwarmMemory"]
+
+
+class SwarmMemory:
+    """``swarm.json``: the DHT port and the peers last seen, so a relaunch rejoins the swarm."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        try:
+            saved = json.loads(path.read_text()) if path.exists() else {}
+        except ValueError:
+            saved = {}
+        self.dht_port = int(saved.get("dht_port", 0)) if isinstance(saved, dict) else 0
+        peers = saved.get("peer_maddrs", []) if isinstance(saved, dict) else []
+        self.peer_maddrs = [a for a in peers if isinstance(a, str)][:64]
+
+    def save(self) -> None:
+        data = {"dht_port": self.dht_port, "peer_maddrs": self.peer_maddrs[:64]}
+        write_atomic(self.path, json.dumps(data, indent=1).encode())
+
+
+def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vector_size: int) -> tuple[SwarmNode, SwarmMemory]:
+    """Start the DHT node peers bootstrap from (same identity and port as last time)."""
+    memory = SwarmMemory(workdir / "swarm.json")
+    node = SwarmNode(
+        initial_peers=memory.peer_maddrs,
+        host_maddrs=[f"/ip4/{host}/tcp/{memory.dht_port}"],
+        identity_path=str(workdir / "p2p.key"),
+    )
+    try:
+        manifest = signed.manifest
+        node.start_averager(
+            prefix=f"{manifest.run_id}_avg",
+            vector_size=vector_size,
+            compression=manifest.config.averaging.compression,
+            client_mode=True,
+        )
+        node.store(MANIFEST_KEY, signed.to_bytes(), ttl=PROGRESS_TTL)
+    except BaseException:
+        node.shutdown()
+        raise
+    for maddr in node.maddrs:
+        if "/tcp/" in maddr:
+            memory.dht_port = int(maddr.split("/tcp/")[1].split("/")[0])
+            break
+    memory.save()
+    return node, memory

@@ -1,0 +1,69 @@
+"""``barnraise-peer join (--coordinator URL | --initial-peers MULTIADDR...) [--workdir DIR]``."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from peer.runner import PeerOptions, run_peer
+from protocol.errors import BarnraiseError, InputError
+from protocol.signing import public_key_from_pem
+
+__all__ = ["main"]
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="barnraise-peer", description="Lend this machine to a Barnraise run.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    join = commands.add_parser("join", help="join a run and train until stopped (Ctrl+C)")
+    source = join.add_mutually_exclusive_group(required=True)
+    source.add_argument("--coordinator", metavar="URL", help="the coordinator's HTTP address")
+    source.add_argument("--initial-peers", nargs="+", metavar="MULTIADDR", help="any running peers' multiaddrs")
+    join.add_argument("--workdir", type=Path, default=Path("barnraise-peer"), help="folder for this peer's key and logs")
+    join.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
+    join.add_argument("--coordinator-key", metavar="FILE|HEX", help="refuse a run not signed by this public key")
+    join.add_argument("--max-rounds", type=int, help="leave after this round")
+    join.add_argument("--max-minutes", type=float, help="leave after this many minutes")
+    join.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
+    join.add_argument("--threads", type=int, help="torch CPU threads")
+    return parser
+
+
+def _pinned_key(value: str | None) -> str | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if path.is_file():
+        return public_key_from_pem(path.read_bytes())
+    return public_key_from_pem(value.encode())
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        options = PeerOptions(
+            coordinator_url=args.coordinator,
+            initial_peers=tuple(args.initial_peers or ()),
+            workdir=args.workdir,
+            host=args.host,
+            coordinator_key=_pinned_key(args.coordinator_key),
+            max_rounds=args.max_rounds,
+            max_minutes=args.max_minutes,
+            device=args.device,
+            threads=args.threads,
+            on_line=lambda line: print(line, flush=True),
+        )
+        return run_peer(options)
+    except InputError as error:
+        print(f"barnraise-peer: error: {error}", file=sys.stderr)
+        return 2
+    except BarnraiseError as error:
+        print(f"barnraise-peer: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,97 @@
+"""One peer's training: H inner AdamW steps, the outer gradient, the Nesterov outer step.
+
+    round r:  θ' = H AdamW steps from θ_r on this peer's windows
+              Δ  = θ_r − θ'                       (the outer gradient)
+              Δ̄  = weighted mean of the group's Δ (or Δ itself when the round was local)
+              m  = μ·m + Δ̄ ;  θ_{r+1} = θ_r − η·(Δ̄ + μ·m)   (Nesterov; plain momentum without)
+
+The inner AdamW state stays with the peer across rounds (as in DiLoCo).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import torch
+
+from peer.data import Corpus, training_batch
+from peer.model import batch_loss, build_model
+from peer.state import RoundState, StateLayout
+from protocol.manifest import RunManifest
+
+__all__ = ["Trainer", "InnerResult"]
+
+
+@dataclass(frozen=True)
+class InnerResult:
+    loss: float
+    samples: int
+    seconds: float
+
+
+class Trainer:
+    """Holds the model, the inner optimiser and the round-boundary state."""
+
+    def __init__(self, manifest: RunManifest, corpus: Corpus, peer_id: str, device: str = "cpu"):
+        self.config = manifest.config
+        self.corpus = corpus
+        self.peer_id = peer_id
+        self.device = torch.device(device)
+        self.model = build_model(self.config.model).to(self.device)
+        self.model.train()
+        self.layout = StateLayout.of(self.model)
+        training = self.config.training
+        self.inner = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=training.inner_lr,
+            betas=training.inner_betas,
+            weight_decay=training.inner_weight_decay,
+        )
+        flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().cpu()
+        self.state = RoundState(0, flat.clone(), torch.zeros_like(flat))
+
+    def load(self, state: RoundState) -> None:
+        """Adopt a (verified) round-boundary state; the inner AdamW state starts over."""
+        self.state = state.copy()
+        self._write_parameters(self.state.parameters)
+        self.inner.state.clear()
+
+    def _write_parameters(self, flat: torch.Tensor) -> None:
+        torch.nn.utils.vector_to_parameters(flat.to(self.device), self.model.parameters())
+
+    def inner_steps(self, stop_requested=lambda: False) -> InnerResult:
+        """Run H inner steps from θ_r; returns the mean loss (stops early if asked)."""
+        training = self.config.training
+        started, losses = time.monotonic(), []
+        for step in range(training.inner_steps):
+            if stop_requested():
+                break
+            windows = training_batch(
+                self.corpus, self.config.data, training.batch_size,
+                peer_id=self.peer_id, round=self.state.round, step=step,
+            ).to(self.device)
+            loss = batch_loss(self.model, windows)
+            self.inner.zero_grad(set_to_none=True)
+            loss.backward()
+            if training.grad_clip > 0:
+                torch.nn.utils.clip_grad_norm_(self.model.parameters(), training.grad_clip)
+            self.inner.step()
+            losses.append(loss.item())
+        samples = len(losses) * training.batch_size
+        mean = sum(losses) / len(losses) if losses else float("nan")
+        return InnerResult(mean, samples, time.monotonic() - started)
+
+    def outer_gradient(self) -> torch.Tensor:
+        """Δ = θ_r − θ' (flat float32, CPU)."""
+        local = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().cpu()
+        return self.state.parameters - local
+
+    def apply_outer(self, outer_gradient: torch.Tensor) -> None:
+        """The outer step on the averaged Δ; moves to round r + 1."""
+        training = self.config.training
+        momentum = self.state.momentum.mul_(training.outer_momentum).add_(outer_gradient)
+        update = outer_gradient + training.outer_momentum * momentum if training.nesterov else momentum
+        parameters = self.state.parameters - training.outer_lr * update
+        self.state = RoundState(self.state.round + 1, parameters, momentum)
+        self._write_parameters(parameters)

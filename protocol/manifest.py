@@ -1,0 +1,367 @@
+"""The run manifest: everything that defines a run, signed by the coordinator (Ed25519).
+
+A run config (TOML) gives the sections below; the coordinator adds its public key and the
+genesis checkpoint root, signs the canonical msgpack encoding, and every peer verifies it.
+The run id is the first 16 hex digits of sha256 over the unsigned manifest's canonical bytes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import math
+import tomllib
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from protocol.errors import ConfigError, InputError, MalformedRecord, SignatureError
+from protocol.signing import SigningKey, key_id, verify_signature
+from protocol.wire import PROTOCOL_VERSION, canonical_bytes, decode_map, is_hex, is_wire_int
+
+__all__ = [
+    "ModelConfig",
+    "DataSpec",
+    "TrainingConfig",
+    "AveragingConfig",
+    "CheckpointConfig",
+    "RunConfig",
+    "RunManifest",
+    "SignedManifest",
+]
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ConfigError(message)
+
+
+@dataclass(frozen=True, kw_only=True)
+class ModelConfig:
+    """A GPT-2-family causal LM (built with transformers' ``GPT2Config``)."""
+
+    family: Literal["gpt2"] = "gpt2"
+    """Model family; only GPT-2 for now."""
+    vocab_size: int = 256
+    """Vocabulary size; 256 is the byte-level vocabulary the corpus uses."""
+    n_positions: int = 128
+    """Longest context in tokens; must be at least ``data.seq_len``."""
+    n_embd: int = 128
+    """Hidden width."""
+    n_layer: int = 2
+    """Number of transformer blocks."""
+    n_head: int = 4
+    """Attention heads; must divide ``n_embd``."""
+    init_seed: int = 0
+    """Seed of the genesis initialisation (the genesis root depends on it)."""
+
+    def __post_init__(self) -> None:
+        _require(self.family == "gpt2", f"model.family must be 'gpt2', not {self.family!r}")
+        for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
+            _require(getattr(self, name) > 0, f"model.{name} must be positive")
+        _require(self.n_embd % self.n_head == 0, "model.n_head must divide model.n_embd")
+        _require(self.vocab_size >= 256, "model.vocab_size must be at least 256 (byte-level data)")
+        _require(self.init_seed >= 0, "model.init_seed must be non-negative")
+
+
+@dataclass(frozen=True, kw_only=True)
+class DataSpec:
+    """Where training and held-out text comes from."""
+
+    corpus: Literal["python-stdlib"] = "python-stdlib"
+    """The Python standard library's own ``.py`` files, sorted; every machine has them."""
+    seq_len: int = 128
+    """Bytes per training window."""
+    heldout_percent: int = 5
+    """Share of files (chosen by a hash of their path) kept out of training for evaluation."""
+    eval_windows: int = 64
+    """Held-out windows scored for each checkpoint's held-out loss."""
+    seed: int = 0
+    """Seed that, with a peer's id and round, fixes which windows that peer trains on."""
+
+    def __post_init__(self) -> None:
+        _require(self.corpus == "python-stdlib", f"data.corpus must be 'python-stdlib', not {self.corpus!r}")
+        _require(self.seq_len >= 8, "data.seq_len must be at least 8")
+        _require(0 < self.heldout_percent < 50, "data.heldout_percent must be between 1 and 49")
+        _require(self.eval_windows > 0, "data.eval_windows must be positive")
+
+
+@dataclass(frozen=True, kw_only=True)
+class TrainingConfig:
+    """Inner (local AdamW) and outer (averaged Nesterov SGD) optimisation."""
+
+    inner_steps: int = 20
+    """H: local AdamW steps between two averaging rounds."""
+    batch_size: int = 16
+    """Windows per inner step on each peer."""
+    inner_lr: float = 3e-3
+    """AdamW learning rate."""
+    inner_weight_decay: float = 0.01
+    """AdamW weight decay."""
+    inner_betas: tuple[float, float] = (0.9, 0.95)
+    """AdamW betas."""
+    grad_clip: float = 1.0
+    """Gradient-norm clip for inner steps (0 disables)."""
+    outer_lr: float = 0.7
+    """Learning rate of the outer step on the averaged outer gradient."""
+    outer_momentum: float = 0.9
+    """Momentum of the outer step."""
+    nesterov: bool = True
+    """Nesterov momentum for the outer step."""
+
+    def __post_init__(self) -> None:
+        _require(self.inner_steps > 0, "training.inner_steps must be positive")
+        _require(self.batch_size > 0, "training.batch_size must be positive")
+        _require(self.inner_lr > 0, "training.inner_lr must be positive")
+        _require(self.inner_weight_decay >= 0, "training.inner_weight_decay must be non-negative")
+        _require(all(0 <= b < 1 for b in self.inner_betas), "training.inner_betas must lie in [0, 1)")
+        _require(self.grad_clip >= 0, "training.grad_clip must be non-negative")
+        _require(self.outer_lr > 0, "training.outer_lr must be positive")
+        _require(0 <= self.outer_momentum < 1, "training.outer_momentum must lie in [0, 1)")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AveragingConfig:
+    """How outer gradients are averaged among a round's group."""
+
+    compression: Literal["fp16", "none"] = "fp16"
+    """Wire codec for the averaged outer gradient."""
+    target_group_size: int = 4
+    """Largest group one averaging round forms."""
+    min_group_size: int = 2
+    """Smallest group worth averaging with; fewer peers means a local round (reported)."""
+    matchmaking_seconds: float = 3.0
+    """How long a peer looks for groupmates before averaging."""
+    round_deadline_seconds: float = 30.0
+    """Deadline for one round's averaging; past it the round falls back to local values."""
+
+    def __post_init__(self) -> None:
+        _require(self.compression in ("fp16", "none"), "averaging.compression must be 'fp16' or 'none'")
+        _require(self.min_group_size >= 2, "averaging.min_group_size must be at least 2")
+        _require(
+            self.target_group_size >= self.min_group_size,
+            "averaging.target_group_size must be at least averaging.min_group_size",
+        )
+        _require(self.matchmaking_seconds > 0, "averaging.matchmaking_seconds must be positive")
+        _require(
+            self.round_deadline_seconds > self.matchmaking_seconds,
+            "averaging.round_deadline_seconds must exceed averaging.matchmaking_seconds",
+        )
+
+
+@dataclass(frozen=True, kw_only=True)
+class CheckpointConfig:
+    """When the coordinator records checkpoints."""
+
+    every_rounds: int = 5
+    """K: record a checkpoint every K rounds of the swarm."""
+
+    def __post_init__(self) -> None:
+        _require(self.every_rounds > 0, "checkpoints.every_rounds must be positive")
+
+
+_SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "data": DataSpec,
+    "training": TrainingConfig,
+    "averaging": AveragingConfig,
+    "checkpoints": CheckpointConfig,
+}
+
+
+def _value_ok(value: Any, hint: Any) -> bool:
+    origin = typing.get_origin(hint)
+    if origin is Literal:
+        return value in typing.get_args(hint)
+    if origin is tuple:
+        args = typing.get_args(hint)
+        return isinstance(value, (list, tuple)) and len(value) == len(args) and all(
+            _value_ok(v, a) for v, a in zip(value, args)
+        )
+    if hint is bool:
+        return isinstance(value, bool)
+    if hint is int:
+        return is_wire_int(value)
+    if hint is float:
+        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return isinstance(value, hint)
+
+
+def _coerce(value: Any, hint: Any) -> Any:
+    if typing.get_origin(hint) is tuple:
+        return tuple(_coerce(v, a) for v, a in zip(value, typing.get_args(hint)))
+    return float(value) if hint is float else value
+
+
+def _section(cls: type, mapping: Any, what: str, *, complete: bool) -> Any:
+    """Build a config section from a mapping, naming the first bad key; ``complete`` for wire."""
+    if not isinstance(mapping, dict):
+        raise ConfigError(f"{what} must be a table")
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    for key in mapping:
+        if key not in hints:
+            raise ConfigError(f"{what}: unknown key {key!r} (known: {', '.join(names)})")
+    if complete and (missing := [n for n in names if n not in mapping]):
+        raise ConfigError(f"{what}: missing key {missing[0]!r}")
+    values = {}
+    for key, value in mapping.items():
+        if not _value_ok(value, hints[key]):
+            raise ConfigError(f"{what}.{key}: {value!r} is not a valid {_hint_name(hints[key])}")
+        values[key] = _coerce(value, hints[key])
+    return cls(**values)
+
+
+def _hint_name(hint: Any) -> str:
+    if typing.get_origin(hint) is Literal:
+        return "choice among " + ", ".join(repr(a) for a in typing.get_args(hint))
+    return getattr(hint, "__name__", str(hint))
+
+
+def _section_wire(section: Any) -> dict[str, Any]:
+    # Coerce as from_wire does, so a float field built from an int signs as float64.
+    hints = typing.get_type_hints(type(section))
+    values = {k: _coerce(v, hints[k]) for k, v in dataclasses.asdict(section).items()}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in values.items()}
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunConfig:
+    """What a coordinator writes in RUN.toml: a name and the five sections."""
+
+    name: str
+    """Human-readable run name (letters, digits, ``-`` and ``_``)."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataSpec = field(default_factory=DataSpec)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    averaging: AveragingConfig = field(default_factory=AveragingConfig)
+    checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+
+    def __post_init__(self) -> None:
+        ok = isinstance(self.name, str) and 0 < len(self.name) <= 64
+        ok = ok and all(c.isalnum() or c in "-_" for c in self.name)
+        _require(ok, f"run.name {self.name!r} must be 1-64 letters, digits, '-' or '_'")
+        _require(
+            self.model.n_positions >= self.data.seq_len,
+            "model.n_positions must be at least data.seq_len",
+        )
+
+    @classmethod
+    def from_toml(cls, text: str) -> RunConfig:
+        """Parse RUN.toml text: ``[run] name``, then optional sections with defaults."""
+        try:
+            doc = tomllib.loads(text)
+        except tomllib.TOMLDecodeError as error:
+            raise ConfigError(f"malformed TOML: {error}") from None
+        for key in doc:
+            if key != "run" and key not in _SECTIONS:
+                raise ConfigError(f"unknown table [{key}] (known: run, {', '.join(_SECTIONS)})")
+        run = doc.get("run")
+        if not isinstance(run, dict) or set(run) != {"name"}:
+            raise ConfigError("[run] must hold exactly one key: name")
+        sections = {name: _section(cls_, doc.get(name, {}), name, complete=False) for name, cls_ in _SECTIONS.items()}
+        return cls(name=run["name"], **sections)
+
+
+@dataclass(frozen=True, kw_only=True)
+class RunManifest:
+    """A run config plus what the coordinator adds at launch; this is what gets signed."""
+
+    version: int = PROTOCOL_VERSION
+    config: RunConfig
+    coordinator_key: str
+    """The coordinator's Ed25519 public key (hex); it signs the manifest and the ledger."""
+    genesis_root: str
+    """Canonical root of the genesis checkpoint (a peer rebuilding genesis checks against it)."""
+    created_at: float
+
+    def __post_init__(self) -> None:
+        if self.version != PROTOCOL_VERSION:
+            raise MalformedRecord(f"manifest: protocol version {self.version} is not {PROTOCOL_VERSION}")
+        if not is_hex(self.coordinator_key, 64):
+            raise MalformedRecord("manifest: coordinator_key must be 64 hex digits")
+        if not is_hex(self.genesis_root, 64):
+            raise MalformedRecord("manifest: genesis_root must be 64 hex digits")
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "version": self.version,
+            "name": self.config.name,
+            "coordinator_key": self.coordinator_key,
+            "genesis_root": self.genesis_root,
+            "created_at": float(self.created_at),
+        }
+        for name in _SECTIONS:
+            out[name] = _section_wire(getattr(self.config, name))
+        return out
+
+    @classmethod
+    def from_wire(cls, mapping: Any) -> RunManifest:
+        if not isinstance(mapping, dict):
+            raise MalformedRecord("manifest: expected a map")
+        expected = {"version", "name", "coordinator_key", "genesis_root", "created_at", *_SECTIONS}
+        if set(mapping) != expected:
+            odd = sorted(set(mapping) ^ expected)[0]
+            raise MalformedRecord(f"manifest: missing or unknown field {odd!r}")
+        if not is_wire_int(mapping["version"]) or mapping["version"] != PROTOCOL_VERSION:
+            raise MalformedRecord(f"manifest: protocol version {mapping['version']!r} is not {PROTOCOL_VERSION}")
+        for key, kind in (("name", str), ("coordinator_key", str), ("genesis_root", str)):
+            if not isinstance(mapping[key], kind):
+                raise MalformedRecord(f"manifest: field {key!r} must be a {kind.__name__}")
+        if not _value_ok(mapping["created_at"], float):
+            raise MalformedRecord("manifest: field 'created_at' must be a number")
+        try:
+            sections = {n: _section(c, mapping[n], n, complete=True) for n, c in _SECTIONS.items()}
+            config = RunConfig(name=mapping["name"], **sections)
+        except ConfigError as error:
+            raise MalformedRecord(f"manifest: {error}") from None
+        return cls(
+            config=config,
+            coordinator_key=mapping["coordinator_key"],
+            genesis_root=mapping["genesis_root"],
+            created_at=float(mapping["created_at"]),
+        )
+
+    @property
+    def run_id(self) -> str:
+        return hashlib.sha256(canonical_bytes(self.to_wire())).hexdigest()[:16]
+
+    def sign(self, key: SigningKey) -> SignedManifest:
+        if key.public_key_hex != self.coordinator_key:
+            raise InputError("the signing key is not the manifest's coordinator key")
+        return SignedManifest(manifest=self, signature=key.sign(canonical_bytes(self.to_wire())))
+
+
+@dataclass(frozen=True, kw_only=True)
+class SignedManifest:
+    """A manifest with the coordinator's signature; ``verify`` before trusting any field."""
+
+    manifest: RunManifest
+    signature: str
+
+    def verify(self, expected_key: str | None = None) -> RunManifest:
+        """Check the signature (and, if given, that it is by ``expected_key``); return the manifest."""
+        key = self.manifest.coordinator_key
+        if expected_key is not None and expected_key != key:
+            raise SignatureError(f"manifest is signed by key {key_id(key)}, expected {key_id(expected_key)}")
+        verify_signature(key, canonical_bytes(self.manifest.to_wire()), self.signature, what="manifest")
+        return self.manifest
+
+    def to_wire(self) -> dict[str, Any]:
+        return {"manifest": self.manifest.to_wire(), "signature": self.signature}
+
+    def to_bytes(self) -> bytes:
+        return canonical_bytes(self.to_wire())
+
+    @classmethod
+    def from_wire(cls, mapping: Any) -> SignedManifest:
+        if not isinstance(mapping, dict) or set(mapping) != {"manifest", "signature"}:
+            raise MalformedRecord("signed manifest: expected exactly the fields 'manifest' and 'signature'")
+        if not isinstance(mapping["signature"], str):
+            raise MalformedRecord("signed manifest: signature must be a hex string")
+        return cls(manifest=RunManifest.from_wire(mapping["manifest"]), signature=mapping["signature"])
+
+    @classmethod
+    def from_bytes(cls, raw: bytes) -> SignedManifest:
+        return cls.from_wire(decode_map(raw, what="signed manifest"))
+

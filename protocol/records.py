@@ -1,0 +1,265 @@
+"""Wire records: signed peer progress and signed ledger entries (frozen, keyword-only).
+
+Each record has ``to_wire()`` (a map in the wire data model), ``from_wire(map)`` (strict:
+exact fields, types, ranges) and ``to_bytes()``/``from_bytes()`` (canonical msgpack, size
+limit). A record's signature covers the canonical bytes of its map without ``signature``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar, Literal, TypeVar
+
+from protocol.errors import MalformedRecord, SignatureError
+from protocol.signing import SigningKey, key_id, verify_signature
+from protocol.wire import PROTOCOL_VERSION, Field, canonical_bytes, check_fields, decode_map, is_hex
+
+__all__ = ["PeerProgress", "FileRecord", "Contribution", "LedgerEntry", "GENESIS_PREV"]
+
+GENESIS_PREV = "0" * 64
+"""The ``prev`` of the genesis entry."""
+
+R = TypeVar("R", bound="_Signed")
+
+
+def _hex64(value: Any) -> bool:
+    return is_hex(value, 64)
+
+
+def _non_negative(value: Any) -> bool:
+    return value >= 0
+
+
+def _short_str(limit: int):
+    return lambda value: 0 < len(value) <= limit
+
+
+_VERSION = Field("version", int, lambda v: v == PROTOCOL_VERSION, f"must be {PROTOCOL_VERSION}")
+_RUN_ID = Field("run_id", str, lambda v: is_hex(v, 16), "16 hex digits")
+_SIGNATURE = Field("signature", str, lambda v: is_hex(v, 128), "128 hex digits")
+
+
+class _Signed:
+    """Shared signing, encoding and strict decoding for signed records."""
+
+    FIELDS: ClassVar[tuple[Field, ...]]
+    WHAT: ClassVar[str]
+    signature: str
+
+    def unsigned_wire(self) -> dict[str, Any]:
+        wire = self.to_wire()
+        del wire["signature"]
+        return wire
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = {f.name: _to_wire_value(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        # A float field built from an int must still sign as float64, the form from_wire yields.
+        for field in self.FIELDS:
+            kinds = field.kind if isinstance(field.kind, tuple) else (field.kind,)
+            value = wire[field.name]
+            if float in kinds and isinstance(value, int) and not isinstance(value, bool):
+                wire[field.name] = float(value)
+        return wire
+
+    def to_bytes(self) -> bytes:
+        return canonical_bytes(self.to_wire())
+
+    @classmethod
+    def from_bytes(cls: type[R], raw: bytes) -> R:
+        return cls.from_wire(decode_map(raw, what=cls.WHAT))
+
+    @classmethod
+    def from_wire(cls: type[R], mapping: Any) -> R:
+        if not isinstance(mapping, Mapping):
+            raise MalformedRecord(f"{cls.WHAT}: expected a map")
+        values = check_fields(mapping, cls.FIELDS, what=cls.WHAT)
+        return cls(**cls._nested_from_wire(values))
+
+    @classmethod
+    def _nested_from_wire(cls, values: dict[str, Any]) -> dict[str, Any]:
+        return values
+
+
+def _to_wire_value(value: Any) -> Any:
+    if dataclasses.is_dataclass(value):
+        return {f.name: _to_wire_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, (list, tuple)):
+        return [_to_wire_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {k: _to_wire_value(v) for k, v in value.items()}
+    return value
+
+
+@dataclass(frozen=True, kw_only=True)
+class PeerProgress(_Signed):
+    """What a peer publishes to the DHT after each round, signed with its own Ed25519 key."""
+
+    WHAT: ClassVar[str] = "peer progress"
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        _VERSION,
+        _RUN_ID,
+        Field("peer_id", str, lambda v: is_hex(v, 16), "key id: 16 hex digits"),
+        Field("peer_key", str, _hex64, "64 hex digits"),
+        Field("round", int, _non_negative),
+        Field("samples", int, _non_negative),
+        Field("loss", float, _non_negative),
+        Field("samples_per_second", float, _non_negative),
+        Field("averaged_with", int, lambda v: 1 <= v <= 4096),
+        Field("averaged", bool),
+        Field("network_seconds", float, _non_negative),
+        Field("state_root", str, _hex64, "64 hex digits"),
+        Field("p2p_id", str, _short_str(128)),
+        Field("maddrs", list, lambda v: len(v) <= 16 and all(isinstance(a, str) and 0 < len(a) <= 256 for a in v)),
+        Field("time", float, _non_negative),
+        _SIGNATURE,
+    )
+
+    version: int = PROTOCOL_VERSION
+    run_id: str
+    peer_id: str
+    """Key id (first 16 hex digits of sha256 of ``peer_key``)."""
+    peer_key: str
+    """The peer's Ed25519 public key (hex)."""
+    round: int
+    """The round whose starting state is ``state_root`` (the peer's current round)."""
+    samples: int
+    """Training samples this peer has contributed in all, up to this round."""
+    loss: float
+    """Mean training loss (nats/byte) over the last round's inner steps."""
+    samples_per_second: float
+    averaged_with: int
+    """Peers in the last round's averaging group, this peer included; 1 means local only."""
+    averaged: bool
+    """Whether the last round's average really arrived (False: fell back to local values)."""
+    network_seconds: float
+    """Seconds the last round spent waiting on averaging."""
+    state_root: str
+    """Canonical root of the state this peer serves to joiners (parameters + outer state)."""
+    p2p_id: str
+    """The libp2p peer id this peer is reachable at."""
+    maddrs: list[str]
+    """Multiaddrs of this peer's DHT node, for bootstrapping."""
+    time: float
+    signature: str = ""
+
+    def __post_init__(self) -> None:
+        if key_id(self.peer_key) != self.peer_id:
+            raise MalformedRecord("peer progress: peer_id is not the key id of peer_key")
+        if self.averaged != (self.averaged_with >= 2):
+            raise MalformedRecord("peer progress: 'averaged' must be true exactly when averaged_with >= 2")
+
+    @classmethod
+    def signed(cls, key: SigningKey, **fields: Any) -> PeerProgress:
+        draft = cls(peer_key=key.public_key_hex, peer_id=key_id(key.public_key_hex), **fields)
+        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
+
+    def verify(self) -> PeerProgress:
+        verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class FileRecord:
+    """One checkpoint file: its plain sha256, size, canonical root and per-tensor digests."""
+
+    name: str
+    sha256: str
+    size: int
+    root: str
+    tensors: dict[str, str]
+
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        Field("name", str, lambda v: 0 < len(v) <= 128 and "/" not in v and "\\" not in v and v not in (".", "..")),
+        Field("sha256", str, _hex64, "64 hex digits"),
+        Field("size", int, _non_negative),
+        Field("root", str, _hex64, "64 hex digits"),
+        Field("tensors", dict, lambda v: all(isinstance(k, str) and _hex64(d) for k, d in v.items())),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class Contribution:
+    """Samples one peer contributed in all, as of the entry."""
+
+    peer_id: str
+    samples: int
+
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        Field("peer_id", str, lambda v: is_hex(v, 16)),
+        Field("samples", int, _non_negative),
+    )
+
+
+@dataclass(frozen=True, kw_only=True)
+class LedgerEntry(_Signed):
+    """One link of the ledger: a genesis or checkpoint record, chained by ``prev``, signed."""
+
+    WHAT: ClassVar[str] = "ledger entry"
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        _VERSION,
+        _RUN_ID,
+        Field("seq", int, _non_negative),
+        Field("kind", str, lambda v: v in ("genesis", "checkpoint"), "'genesis' or 'checkpoint'"),
+        Field("prev", str, _hex64, "64 hex digits"),
+        Field("round", int, _non_negative),
+        Field("created_at", float, _non_negative),
+        Field("checkpoint_root", str, _hex64, "64 hex digits"),
+        Field("files", list, lambda v: 0 < len(v) <= 64),
+        Field("contributors", list),
+        Field("total_samples", int, _non_negative),
+        Field("heldout_loss", (float, type(None))),
+        Field("signer", str, _hex64, "64 hex digits"),
+        _SIGNATURE,
+    )
+
+    version: int = PROTOCOL_VERSION
+    run_id: str
+    seq: int
+    """Position in the ledger, from 0 (genesis)."""
+    kind: Literal["genesis", "checkpoint"]
+    prev: str
+    """``entry_hash`` of the entry before (``GENESIS_PREV`` for seq 0)."""
+    round: int
+    """The swarm round whose state the checkpoint holds."""
+    created_at: float
+    checkpoint_root: str
+    """Canonical root of the model file (the first of ``files``)."""
+    files: list[FileRecord]
+    contributors: list[Contribution]
+    """Per-peer sample totals as of this entry, sorted by peer id."""
+    total_samples: int
+    heldout_loss: float | None
+    """Held-out loss (nats/byte) the coordinator measured on this checkpoint, if any."""
+    signer: str
+    signature: str = ""
+
+    @classmethod
+    def _nested_from_wire(cls, values: dict[str, Any]) -> dict[str, Any]:
+        values["files"] = [_nested(FileRecord, f, "ledger entry file") for f in values["files"]]
+        values["contributors"] = [_nested(Contribution, c, "ledger entry contributor") for c in values["contributors"]]
+        return values
+
+    @property
+    def entry_hash(self) -> str:
+        """sha256 of the signed entry's canonical bytes; the next entry's ``prev``."""
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    @classmethod
+    def signed(cls, key: SigningKey, **fields: Any) -> LedgerEntry:
+        draft = cls(signer=key.public_key_hex, **fields)
+        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
+
+    def verify_signature(self, public_key_hex: str) -> None:
+        what = f"ledger entry {self.seq}"
+        if self.signer != public_key_hex:
+            raise SignatureError(f"{what}: signed by key {key_id(self.signer)}, expected {key_id(public_key_hex)}")
+        verify_signature(self.signer, canonical_bytes(self.unsigned_wire()), self.signature, what=what)
+
+
+def _nested(cls: type, mapping: Any, what: str) -> Any:
+    if not isinstance(mapping, Mapping):
+        raise MalformedRecord(f"{what}: expected a map")
+    return cls(**check_fields(mapping, cls.FIELDS, what=what))
