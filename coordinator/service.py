@@ -58,6 +58,11 @@ class Coordinator:
         self.tracker = Tracker(run.manifest.run_id)
         self.tracker.seed_from_ledger(run.ledger.head())
         self.manifest_stored_at = time.monotonic()
+        self.export_ledger()
+
+    def export_ledger(self) -> None:
+        """Keep ``WORKDIR/ledger.jsonl`` (what auditors read) in step with the SQLite ledger."""
+        self.run.ledger.write_jsonl(self.options.workdir / "ledger.jsonl")
 
     def say(self, text: str) -> None:
         self.options.on_line(f"[coordinator] {text}")
@@ -98,6 +103,7 @@ class Coordinator:
             heldout_loss=self.run.checkpoints.heldout_loss(start.state),
         )
         self.run.ledger.append(entry)
+        self.export_ledger()
         self.say(
             f"checkpoint {entry.seq}: round {entry.round}, held-out loss {entry.heldout_loss:.3f}, "
             f"root {entry.checkpoint_root[:16]}, {len(entry.contributors)} contributors, {entry.total_samples} samples"

@@ -434,7 +434,7 @@ def test_sections_on_the_wire_must_be_complete_and_exact(section):
 def test_bad_section_values_on_the_wire_are_malformed(path, value):
     wire = _wire()
     wire[path[0]][path[1]] = value
-    assert ".".join(path) in str(_malformed(wire)) or path[1] in str(_malformed(wire))
+    assert ".".join(path) in str(_malformed(wire))
 
 
 @pytest.mark.parametrize(

@@ -245,7 +245,10 @@ def test_peer_progress_signature_covers_canonical_bytes_without_signature():
     assert progress.verify() is progress
 
 
-hex_str = lambda n: st.text(alphabet=HEX, min_size=n, max_size=n)  # noqa: E731
+def hex_str(n: int) -> st.SearchStrategy[str]:
+    return st.text(alphabet=HEX, min_size=n, max_size=n)
+
+
 finite = st.floats(min_value=0.0, max_value=1e300, allow_nan=False, allow_infinity=False)
 wire_uint = st.integers(min_value=0, max_value=2**64 - 1)
 
