@@ -38,6 +38,8 @@ class CheckpointWriter:
     def __init__(self, folder: Path, manifest: RunManifest, corpus: Corpus):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
+        for leftover in self.folder.glob(".r*.partial"):  # a write cut short by a crash
+            shutil.rmtree(leftover, ignore_errors=True)
         self.model_config = manifest.config.model
         self.model = build_model(self.model_config)
         self.layout = StateLayout.of(self.model)

@@ -32,6 +32,7 @@ class Child:
             start_new_session=True,  # a signal to the group reaches hivemind's daemons too
         )
         self._echo = echo
+        self._interrupted = False
         self._reader = threading.Thread(target=self._pump, name=f"{name}-output", daemon=True)
         self._reader.start()
 
@@ -46,10 +47,15 @@ class Child:
     def running(self) -> bool:
         return self.process.poll() is None
 
+    def interrupt(self) -> None:
+        """Send one SIGINT (a second one would make a peer leave without finishing)."""
+        if self.running and not self._interrupted:
+            self.process.send_signal(signal.SIGINT)
+            self._interrupted = True
+
     def stop(self, grace: float) -> int:
         """SIGINT, wait up to ``grace`` seconds, then SIGKILL the whole group; returns the exit code."""
-        if self.running:
-            self.process.send_signal(signal.SIGINT)
+        self.interrupt()
         deadline = time.monotonic() + grace
         while self.running and time.monotonic() < deadline:
             time.sleep(0.2)

@@ -129,9 +129,9 @@ def run_demo(workdir: Path, peer_count: int, minutes: float) -> int:
         ]
         children.extend(peers)
         _train(url, peers, minutes)
-        print("[demo] stopping the peers (each finishes its round)", flush=True)
+        print("[demo] stopping the peers", flush=True)
         for peer in peers:
-            peer.process.send_signal(2)
+            peer.interrupt()
         for peer in peers:
             peer.stop(grace=60)
         coordinator.stop(grace=30)

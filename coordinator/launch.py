@@ -114,7 +114,7 @@ def _check_head_files(ledger: LedgerStore, writer: CheckpointWriter) -> None:
     folder = writer.path(head.round)
     if not folder.is_dir():
         raise HashMismatch(f"ledger entry {head.seq}: its checkpoint folder {folder.name} is missing")
-    measured = writer.records(head.round)
-    for recorded, found in zip(head.files, measured):
-        if (recorded.name, recorded.sha256, recorded.root) != (found.name, found.sha256, found.root):
-            raise HashMismatch(f"ledger entry {head.seq}: {recorded.name} on disk does not match the ledger")
+    recorded = [(f.name, f.sha256, f.root) for f in head.files]
+    measured = [(f.name, f.sha256, f.root) for f in writer.records(head.round)]
+    if recorded != measured:
+        raise HashMismatch(f"ledger entry {head.seq}: its checkpoint files on disk do not match the ledger")

@@ -54,7 +54,8 @@ class PeerOptions:
 
 
 class _StopFlag:
-    """First Ctrl+C/SIGTERM: finish the round and leave. Second Ctrl+C: leave now."""
+    """First Ctrl+C/SIGTERM: stop after the current inner step, or once the averaging in flight
+    ends (within the round deadline), then publish and leave. Second Ctrl+C: leave now."""
 
     def __init__(self):
         self.requested = False
@@ -204,6 +205,8 @@ class PeerProcess:
             self.samples += outcome.samples
             self.last = outcome
             self._report(outcome, read_progress(self.node, self.run_id))
+        if self.stop.requested:
+            self.say("stop requested: leaving the swarm")
         self._publish()
         self.say(f"stopped at round {self.trainer.state.round} after contributing {self.samples} samples")
         return 0

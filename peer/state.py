@@ -38,7 +38,7 @@ class StateLayout:
         if flat.numel() != self.size:
             raise HashMismatch(f"state vector has {flat.numel()} values, the model needs {self.size}")
         out, offset = {}, 0
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             out[name] = flat[offset : offset + shape.numel()].view(shape)
             offset += shape.numel()
         return out
@@ -48,7 +48,7 @@ class StateLayout:
         if set(tensors) != set(self.names):
             odd = sorted(set(tensors) ^ set(self.names))[0]
             raise HashMismatch(f"state does not fit the model: tensor {odd!r} is missing or unexpected")
-        for name, shape in zip(self.names, self.shapes):
+        for name, shape in zip(self.names, self.shapes, strict=True):
             if tensors[name].shape != shape:
                 raise HashMismatch(f"state does not fit the model: tensor {name!r} has shape {tuple(tensors[name].shape)}")
         return torch.cat([tensors[n].reshape(-1).float() for n in self.names])

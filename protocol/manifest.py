@@ -176,7 +176,7 @@ def _value_ok(value: Any, hint: Any) -> bool:
     if origin is tuple:
         args = typing.get_args(hint)
         return isinstance(value, (list, tuple)) and len(value) == len(args) and all(
-            _value_ok(v, a) for v, a in zip(value, args)
+            _value_ok(v, a) for v, a in zip(value, args, strict=True)
         )
     if hint is bool:
         return isinstance(value, bool)
@@ -189,7 +189,7 @@ def _value_ok(value: Any, hint: Any) -> bool:
 
 def _coerce(value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is tuple:
-        return tuple(_coerce(v, a) for v, a in zip(value, typing.get_args(hint)))
+        return tuple(_coerce(v, a) for v, a in zip(value, typing.get_args(hint), strict=True))
     return float(value) if hint is float else value
 
 
