@@ -7,6 +7,7 @@ an unrecorded folder, which the next checkpoint of the same round replaces.
 
 from __future__ import annotations
 
+import math
 import os
 import shutil
 from pathlib import Path
@@ -18,6 +19,7 @@ from coordinator.audit import file_record
 from peer.data import Corpus, heldout_windows
 from peer.model import build_model, heldout_loss, load_parameters
 from peer.state import RoundState, StateLayout
+from peer.workdir import fsync_folder
 from protocol.manifest import RunManifest
 from protocol.records import FileRecord
 
@@ -62,6 +64,7 @@ class CheckpointWriter:
             if final.exists():
                 shutil.rmtree(final)  # an unrecorded leftover of an earlier attempt at this round
             os.replace(partial, final)
+            fsync_folder(self.folder)
         except BaseException:
             shutil.rmtree(partial, ignore_errors=True)
             raise
@@ -71,9 +74,11 @@ class CheckpointWriter:
         """File records of an existing checkpoint folder (model file first)."""
         return [file_record(self.path(round) / name) for name in (MODEL_FILE, OUTER_FILE)]
 
-    def heldout_loss(self, state: RoundState) -> float:
+    def heldout_loss(self, state: RoundState) -> float | None:
+        """Held-out loss (nats/byte), or None if the model has diverged (not a finite number)."""
         load_parameters(self.model, self.layout.views(state.parameters))
-        return round(heldout_loss(self.model, self.windows), 6)
+        loss = heldout_loss(self.model, self.windows)
+        return round(loss, 6) if math.isfinite(loss) else None
 
     def genesis(self) -> RoundState:
         """Round 0: the freshly initialised model and zero momentum."""

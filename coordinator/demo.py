@@ -106,7 +106,8 @@ def _report(workdir: Path, peers: int) -> None:
     entries = entries_from_jsonl((workdir / "coordinator" / "ledger.jsonl").read_text())
     print("[demo] held-out loss by checkpoint (nats/byte):")
     for entry in entries:
-        print(f"[demo]   entry {entry.seq}  round {entry.round:3d}  held-out loss {entry.heldout_loss:.3f}  samples {entry.total_samples}")
+        loss = "n/a" if entry.heldout_loss is None else f"{entry.heldout_loss:.3f}"
+        print(f"[demo]   entry {entry.seq}  round {entry.round:3d}  held-out loss {loss}  samples {entry.total_samples}")
     for line in _round_summary(workdir, peers):
         print(f"[demo] {line}")
 

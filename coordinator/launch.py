@@ -7,6 +7,8 @@
     WORKDIR/checkpoints/        r000000/ (genesis), r000005/, ... each model + outer safetensors
     WORKDIR/p2p.key             the DHT node's libp2p identity, so peers find it again after a restart
     WORKDIR/swarm.json          ports and peers last seen, for a relaunch
+    WORKDIR/ledger.jsonl        the ledger exported for auditors, rewritten after each entry
+    WORKDIR/endpoint.json       the HTTP address and DHT multiaddrs while the coordinator serves
 
 Relaunching with the same RUN.toml resumes: the ledger's whole chain is re-checked and
 the head checkpoint's files are re-hashed. A changed RUN.toml is refused.
@@ -71,7 +73,6 @@ def prepare_run(config: RunConfig, workdir: Path) -> LaunchedRun:
     """Create or resume the run in ``workdir``; on return the ledger holds at least genesis."""
     workdir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(workdir / "coordinator.key")
-    write_atomic(workdir / "coordinator.pub", public_key_to_pem(key.public_key_hex))
     manifest_path = workdir / "manifest.msgpack"
     corpus = load_corpus(config.data)
     resumed = manifest_path.exists()
@@ -85,6 +86,7 @@ def prepare_run(config: RunConfig, workdir: Path) -> LaunchedRun:
         root = checkpoint_root(writer.layout.views(genesis.parameters))
         signed = dataclasses.replace(draft, genesis_root=root).sign(key)
         write_atomic(manifest_path, signed.to_bytes())
+    write_atomic(workdir / "coordinator.pub", public_key_to_pem(key.public_key_hex))
     ledger = LedgerStore.open(workdir / "ledger.sqlite", key.public_key_hex, signed.manifest.run_id)
     try:
         if len(ledger) == 0:

@@ -14,11 +14,10 @@ collides with the row the first one wrote and gets ``ChainError`` instead of for
 
 from __future__ import annotations
 
-import os
 import sqlite3
-import tempfile
 from pathlib import Path
 
+from peer.workdir import write_atomic
 from protocol.errors import ChainError, InputError, MalformedRecord
 from protocol.ledger import entry_to_json, verify_chain, verify_link
 from protocol.records import LedgerEntry
@@ -112,7 +111,7 @@ class LedgerStore:
 
     def write_jsonl(self, path: Path) -> None:
         """Write ``export_jsonl()`` to ``path`` atomically: readers see the old file or the new one."""
-        _write_atomically(Path(path), self.export_jsonl().encode("utf-8"))
+        write_atomic(Path(path), self.export_jsonl().encode("utf-8"))
 
     def close(self) -> None:
         self._connection.close()
@@ -180,22 +179,3 @@ def _load_verified(connection: sqlite3.Connection, public_key_hex: str, run_id: 
     if entries:
         verify_chain(entries, public_key_hex, run_id=run_id)
     return entries
-
-
-def _write_atomically(path: Path, data: bytes) -> None:
-    """Temp file in the same folder, fsync, rename over ``path``, fsync the folder."""
-    handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp", delete=False)
-    try:
-        with handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(handle.name, path)
-    except BaseException:
-        Path(handle.name).unlink(missing_ok=True)
-        raise
-    folder = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(folder)
-    finally:
-        os.close(folder)

@@ -13,6 +13,7 @@ import asyncio
 import json
 import os
 import signal
+import socket
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -38,6 +39,7 @@ __all__ = ["CoordinatorOptions", "serve"]
 
 _POLL_SECONDS = 2.0
 _MANIFEST_REFRESH = 30.0
+_CHECKPOINT_RETRY = 15.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -58,6 +60,7 @@ class Coordinator:
         self.tracker = Tracker(run.manifest.run_id)
         self.tracker.seed_from_ledger(run.ledger.head())
         self.manifest_stored_at = time.monotonic()
+        self.next_checkpoint_try = 0.0
         self.export_ledger()
 
     def export_ledger(self) -> None:
@@ -81,7 +84,7 @@ class Coordinator:
             self.memory.save()
         head = self.run.ledger.head()
         every = self.run.manifest.config.checkpoints.every_rounds
-        if self.tracker.global_round >= head.round + every:
+        if self.tracker.global_round >= head.round + every and time.monotonic() >= self.next_checkpoint_try:
             self.checkpoint()
 
     def checkpoint(self) -> None:
@@ -91,10 +94,10 @@ class Coordinator:
             record_bytes, tensors = self.node.download_state(timeout=timeout)
             start = state_from_peer(record_bytes, tensors, manifest, self.run.checkpoints.layout)
         except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
-            self.say(f"checkpoint postponed: {error}")
+            self._postpone(f"checkpoint postponed: {error}")
             return
         if start.state.round <= head.round:
-            self.say(f"checkpoint postponed: the state served is of round {start.state.round}, not past {head.round}")
+            self._postpone(f"checkpoint postponed: the state served is of round {start.state.round}, not past {head.round}")
             return
         files = self.run.checkpoints.write(start.state)
         entry = next_entry(
@@ -104,10 +107,15 @@ class Coordinator:
         )
         self.run.ledger.append(entry)
         self.export_ledger()
+        loss = "not finite (diverged)" if entry.heldout_loss is None else f"{entry.heldout_loss:.3f}"
         self.say(
-            f"checkpoint {entry.seq}: round {entry.round}, held-out loss {entry.heldout_loss:.3f}, "
+            f"checkpoint {entry.seq}: round {entry.round}, held-out loss {loss}, "
             f"root {entry.checkpoint_root[:16]}, {len(entry.contributors)} contributors, {entry.total_samples} samples"
         )
+
+    def _postpone(self, reason: str) -> None:
+        self.say(reason)
+        self.next_checkpoint_try = time.monotonic() + _CHECKPOINT_RETRY
 
     def http_view(self) -> HttpView:
         signed = self.run.signed
@@ -144,7 +152,8 @@ async def _serve(options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode,
         site = web.TCPSite(runner, options.host, options.http_port)
         await site.start()
         port = runner.addresses[0][1]
-        url = f"http://{options.host}:{port}"
+        shown_host = socket.gethostname() if options.host in ("0.0.0.0", "::") else options.host
+        url = f"http://{shown_host}:{port}"
         write_atomic(endpoint, json.dumps({"url": url, "maddrs": node.maddrs, "pid": os.getpid()}).encode())
         head = run.ledger.head()
         verb = "resumed" if run.resumed else "launched"

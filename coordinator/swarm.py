@@ -9,6 +9,7 @@ from pathlib import Path
 from peer.progress import MANIFEST_KEY, PROGRESS_TTL
 from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
+from protocol.errors import TransportError
 from protocol.manifest import SignedManifest
 
 __all__ = ["start_bootstrap_node", "SwarmMemory"]
@@ -35,11 +36,15 @@ class SwarmMemory:
 def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vector_size: int) -> tuple[SwarmNode, SwarmMemory]:
     """Start the DHT node peers bootstrap from (same identity and port as last time)."""
     memory = SwarmMemory(workdir / "swarm.json")
-    node = SwarmNode(
-        initial_peers=memory.peer_maddrs,
-        host_maddrs=[f"/ip4/{host}/tcp/{memory.dht_port}"],
-        identity_path=str(workdir / "p2p.key"),
-    )
+    host_maddrs = [f"/ip4/{host}/tcp/{memory.dht_port}"]
+    identity = str(workdir / "p2p.key")
+    try:
+        node = SwarmNode(initial_peers=memory.peer_maddrs, host_maddrs=host_maddrs, identity_path=identity)
+    except TransportError:
+        if not memory.peer_maddrs:
+            raise
+        # none of the peers seen last time answers: start a fresh swarm on the same identity and port
+        node = SwarmNode(initial_peers=[], host_maddrs=host_maddrs, identity_path=identity)
     try:
         manifest = signed.manifest
         node.start_averager(

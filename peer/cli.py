@@ -23,7 +23,7 @@ def _parser() -> argparse.ArgumentParser:
     join.add_argument("--workdir", type=Path, default=Path("barnraise-peer"), help="folder for this peer's key and logs")
     join.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     join.add_argument("--coordinator-key", metavar="FILE|HEX", help="refuse a run not signed by this public key")
-    join.add_argument("--max-rounds", type=int, help="leave after this round")
+    join.add_argument("--max-rounds", type=int, help="leave once the swarm round reaches this number")
     join.add_argument("--max-minutes", type=float, help="leave after this many minutes")
     join.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     join.add_argument("--threads", type=int, help="torch CPU threads")

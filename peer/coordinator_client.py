@@ -7,7 +7,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from protocol.errors import MalformedRecord, TransportError
+from protocol.errors import InputError, MalformedRecord, TransportError
 from protocol.ledger import entries_from_jsonl
 from protocol.manifest import SignedManifest
 from protocol.records import LedgerEntry
@@ -22,7 +22,7 @@ class CoordinatorClient:
 
     def __init__(self, url: str, timeout: float = 15.0):
         if not url.startswith(("http://", "https://")):
-            raise TransportError(f"coordinator URL {url!r} must start with http:// or https://")
+            raise InputError(f"coordinator URL {url!r} must start with http:// or https://")
         self.url = url.rstrip("/")
         self.timeout = timeout
 

@@ -6,8 +6,9 @@ In order of preference:
 2. the latest checkpoint in the coordinator's ledger: the ledger's chain and signatures are
    verified under the manifest's coordinator key, and each downloaded file must match the
    entry's sha256, size and canonical root;
-3. genesis, rebuilt from the manifest's model config and seed: its root must equal the
-   signed manifest's ``genesis_root`` (and the ledger's genesis entry when there is one).
+3. genesis, rebuilt from the manifest's model config and seed (when the peer joined by
+   multiaddrs alone and no peer serves state): its root must equal the signed manifest's
+   ``genesis_root``.
 """
 
 from __future__ import annotations

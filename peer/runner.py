@@ -24,7 +24,7 @@ from peer.progress import MANIFEST_KEY, PROGRESS_TTL, SwarmView, progress_key, r
 from peer.rounds import RoundOutcome, average_round
 from peer.swarm import SwarmNode
 from peer.trainer import Trainer
-from peer.workdir import load_or_create_key
+from peer.workdir import load_or_create_key, write_atomic
 from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError, VerificationError
 from protocol.manifest import SignedManifest
 from protocol.records import PeerProgress
@@ -90,7 +90,9 @@ class PeerProcess:
         self.corpus = load_corpus(self.manifest.config.data)
         self.trainer = Trainer(self.manifest, self.corpus, self.peer_id, options.device)
         self.served: tuple[bytes | None, list[torch.Tensor]] = (None, [])
-        self.samples = 0
+        self.contribution_path = options.workdir / "contribution.json"
+        self.samples = _saved_samples(self.contribution_path, self.run_id)
+        """Samples this peer (this key) has contributed to this run, across restarts."""
         self.last: RoundOutcome | None = None
         self.stop = _StopFlag()
         self.log_path = options.workdir / "rounds.jsonl"
@@ -122,7 +124,8 @@ class PeerProcess:
             try:
                 return self._download_live_state()
             except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
-                self.say(f"could not load state from peers ({error}); falling back to the ledger")
+                fallback = "the ledger's latest checkpoint" if self.client is not None else "genesis"
+                self.say(f"could not load state from peers ({error}); starting from {fallback}")
         if self.client is not None:
             folder = self.options.workdir / "checkpoints"
             start, _ledger = state_from_checkpoint(self.client, self.manifest, self.trainer.layout, folder)
@@ -203,6 +206,7 @@ class PeerProcess:
             if outcome is None:
                 break
             self.samples += outcome.samples
+            write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
             self.last = outcome
             self._report(outcome, read_progress(self.node, self.run_id))
         if self.stop.requested:
@@ -210,6 +214,17 @@ class PeerProcess:
         self._publish()
         self.say(f"stopped at round {self.trainer.state.round} after contributing {self.samples} samples")
         return 0
+
+
+def _saved_samples(path: Path, run_id: str) -> int:
+    """The sample count a previous life of this peer recorded for ``run_id`` (0 if none)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return 0
+    if isinstance(saved, dict) and saved.get("run_id") == run_id and isinstance(saved.get("samples"), int):
+        return max(0, saved["samples"])
+    return 0
 
 
 def run_peer(options: PeerOptions) -> int:

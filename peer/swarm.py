@@ -18,9 +18,10 @@ import torch
 
 from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError
 
-# hivemind logs every retried or failed all-reduce as an exception with a traceback; Barnraise
-# reports each round's outcome itself, so keep hivemind to warnings unless asked otherwise.
-os.environ.setdefault("HIVEMIND_LOGLEVEL", "ERROR")
+# hivemind logs every failed all-reduce or state download as an exception with a traceback;
+# Barnraise reports each round's outcome itself, so hivemind stays quiet unless the user sets
+# HIVEMIND_LOGLEVEL (e.g. INFO) to see its own logs.
+os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 
 import hivemind  # noqa: E402
 from hivemind.averaging import DecentralizedAverager  # noqa: E402

@@ -8,7 +8,7 @@ from pathlib import Path
 from protocol.errors import InputError
 from protocol.signing import SigningKey
 
-__all__ = ["load_or_create_key", "write_atomic"]
+__all__ = ["load_or_create_key", "write_atomic", "fsync_folder"]
 
 
 def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
@@ -24,6 +24,16 @@ def write_atomic(path: Path, data: bytes, mode: int = 0o644) -> None:
     except BaseException:
         partial.unlink(missing_ok=True)
         raise
+    fsync_folder(path.parent)
+
+
+def fsync_folder(folder: Path) -> None:
+    """Make a rename inside ``folder`` durable (a power loss cannot undo it)."""
+    handle = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(handle)
+    finally:
+        os.close(handle)
 
 
 def load_or_create_key(path: Path) -> SigningKey:

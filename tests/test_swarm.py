@@ -20,11 +20,6 @@ from pathlib import Path
 
 import pytest
 import torch
-
-from peer.swarm import AverageOutcome, SwarmNode
-from protocol.averaging import GroupMember, check_average, probe, probe_signs
-from protocol.ledger import entries_from_jsonl
-from protocol.records import LedgerEntry
 from conftest import (
     SMALL_RUN,
     Child,
@@ -37,6 +32,11 @@ from conftest import (
     wait_for_line,
     wait_until,
 )
+
+from peer.swarm import AverageOutcome, SwarmNode
+from protocol.averaging import GroupMember, check_average, probe, probe_signs
+from protocol.ledger import entries_from_jsonl
+from protocol.records import LedgerEntry
 
 pytestmark = pytest.mark.swarm
 
@@ -78,7 +78,7 @@ def test_swarm_nodes_average_to_the_weighted_mean():
             thread.join(timeout=60.0)
         assert not any(thread.is_alive() for thread in threads), "average() did not return within its deadline"
 
-        expected = sum(w * v for w, v in zip(weights, vectors)) / sum(weights)
+        expected = sum(w * v for w, v in zip(weights, vectors, strict=True)) / sum(weights)
         largest = max(float(v.abs().max()) for v in vectors)
         for index, outcome in enumerate(outcomes):
             assert outcome is not None and outcome.failure is None, f"node {index}: {outcome}"
