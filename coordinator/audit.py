@@ -26,6 +26,7 @@ from typing import NamedTuple
 
 from safetensors import SafetensorError, safe_open
 
+from protocol.cli import OneLineParser
 from protocol.errors import (
     BarnraiseError,
     DeadlineExceeded,
@@ -224,14 +225,8 @@ def audit(entries: list[LedgerEntry], public_key_hex: str, checkpoints: Path | N
                         tensors=sum(len(r.tensors) for r in records), bytes=sum(r.size for r in records))
 
 
-class _Parser(argparse.ArgumentParser):
-    """argparse, but a usage error is one line (exit 2) like every other bad input."""
-    def error(self, message: str) -> None:  # type: ignore[override]
-        raise InputError(message)
-
-
 def _build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="barnraise-audit", description="Check a Barnraise ledger and its checkpoints offline.")
+    parser = OneLineParser(prog="barnraise-audit", description="Check a Barnraise ledger and its checkpoints offline.")
     commands = parser.add_subparsers(dest="command", required=True)
     verify = commands.add_parser("verify", help="verify the signed ledger and, optionally, checkpoint files")
     verify.add_argument("--ledger", required=True, help="ledger.jsonl: a local file or an http(s) URL")

@@ -2,18 +2,18 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from coordinator.service import CoordinatorOptions, serve
+from protocol.cli import OneLineParser
 from protocol.errors import BarnraiseError, InputError
 
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="barnraise-coordinator", description="Launch and keep a Barnraise run.")
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="barnraise-coordinator", description="Launch and keep a Barnraise run.")
     commands = parser.add_subparsers(dest="command", required=True)
     launch = commands.add_parser("launch", help="launch a run from RUN.toml, or resume it in its workdir")
     launch.add_argument("run_config", type=Path, metavar="RUN.toml")
@@ -24,7 +24,11 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except InputError as error:
+        print(f"barnraise-coordinator: error: {error}", file=sys.stderr)
+        return 2
     options = CoordinatorOptions(
         run_config=args.run_config, workdir=args.workdir, host=args.host, http_port=args.http_port,
         on_line=lambda line: print(line, flush=True),

@@ -2,19 +2,19 @@
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from peer.runner import PeerOptions, run_peer
+from protocol.cli import OneLineParser
 from protocol.errors import BarnraiseError, InputError
 from protocol.signing import public_key_from_pem
 
 __all__ = ["main"]
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="barnraise-peer", description="Lend this machine to a Barnraise run.")
+def _parser() -> OneLineParser:
+    parser = OneLineParser(prog="barnraise-peer", description="Lend this machine to a Barnraise run.")
     commands = parser.add_subparsers(dest="command", required=True)
     join = commands.add_parser("join", help="join a run and train until stopped (Ctrl+C)")
     source = join.add_mutually_exclusive_group(required=True)
@@ -40,7 +40,11 @@ def _pinned_key(value: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    try:
+        args = _parser().parse_args(argv)
+    except InputError as error:
+        print(f"barnraise-peer: error: {error}", file=sys.stderr)
+        return 2
     try:
         options = PeerOptions(
             coordinator_url=args.coordinator,

@@ -6,7 +6,7 @@ import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 
-from peer.swarm import SwarmNode
+from peer.swarm import AverageOutcome, SwarmNode
 from peer.trainer import Trainer
 from protocol.averaging import GroupMember, check_average, probe, probe_signs
 from protocol.errors import MalformedRecord
@@ -34,8 +34,15 @@ class RoundOutcome:
         return asdict(self)
 
 
-def _members(gathered: dict[str, object]) -> list[GroupMember]:
-    return [GroupMember.from_wire(value) for value in gathered.values()]
+def _check(outcome: AverageOutcome, member: GroupMember, own, signs, codec: str) -> tuple[str | None, list[GroupMember]]:
+    """(why the received vector cannot be used, or None; the group's member records)."""
+    try:
+        group = [GroupMember.from_wire(value) for value in outcome.gathered.values()]
+    except MalformedRecord as error:
+        return f"a groupmate sent a malformed record ({error})", [member]
+    if len(rounds := {m.round for m in group}) > 1:
+        return f"the group mixed rounds {sorted(rounds)}: not applying a stale average", group
+    return check_average(group, outcome.averaged, own, signs, codec), group
 
 
 def average_round(
@@ -44,8 +51,14 @@ def average_round(
     manifest: RunManifest,
     peer_id: str,
     stop_requested: Callable[[], bool],
+    swarm_round: Callable[[], int],
 ) -> RoundOutcome | None:
-    """Run one round on ``trainer``; None if a stop was requested before it finished."""
+    """Run one round on ``trainer``; None if a stop was requested before it finished.
+
+    ``swarm_round()`` is asked after the inner steps: if the swarm has moved past this round,
+    this peer's Δ is stale, so it does not enter averaging (which would spoil the round for
+    its groupmates) and the round is local; the runner then catches up.
+    """
     averaging = manifest.config.averaging
     round_ = trainer.state.round
     inner = trainer.inner_steps(stop_requested)
@@ -55,30 +68,28 @@ def average_round(
     signs = probe_signs(round_, outer_gradient.numel())
     own_probe, own_norm = probe(outer_gradient, signs)
     member = GroupMember(peer_id=peer_id, round=round_, weight=float(inner.samples), probe=own_probe, norm=own_norm)
-    outcome = node.average(
-        outer_gradient, gather=member.to_wire(), weight=float(inner.samples), timeout=averaging.round_deadline_seconds
-    )
-    failure, group, applied = outcome.failure, [member], outer_gradient
-    if failure is None:
-        try:
-            group = _members(outcome.gathered)
-            failure = check_average(group, outcome.averaged, outer_gradient, signs, averaging.compression)
-        except MalformedRecord as error:
-            failure = f"a groupmate sent a malformed record ({error})"
+    failure, group, applied, seconds_on_network = None, [member], outer_gradient, 0.0
+    if (ahead := swarm_round()) > round_:
+        failure = f"behind the swarm (round {round_}, swarm at {ahead}): not averaging a stale update"
+    else:
+        outcome = node.average(
+            outer_gradient, gather=member.to_wire(), weight=float(inner.samples), timeout=averaging.round_deadline_seconds
+        )
+        failure, seconds_on_network = outcome.failure, outcome.seconds
+        if failure is None:
+            failure, group = _check(outcome, member, outer_gradient, signs, averaging.compression)
         if failure is None:
             applied = outcome.averaged
-        else:
-            group = [member]
     trainer.apply_outer(applied)
-    seconds = inner.seconds + outcome.seconds
+    seconds = inner.seconds + seconds_on_network
     return RoundOutcome(
         round=round_,
         loss=inner.loss if math.isfinite(inner.loss) else 0.0,
         samples=inner.samples,
         samples_per_second=inner.samples / seconds if seconds > 0 else 0.0,
-        group_size=len(group),
+        group_size=len(group) if failure is None else 1,
         averaged=failure is None,
         failure=failure,
-        network_seconds=outcome.seconds,
+        network_seconds=seconds_on_network,
         group_rounds=tuple(sorted(m.round for m in group)),
     )

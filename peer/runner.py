@@ -33,6 +33,8 @@ from protocol.signing import key_id
 __all__ = ["PeerOptions", "run_peer"]
 
 _MANIFEST_WAIT = 30.0
+_CATCH_UP_TRIES = 5
+_CATCH_UP_PAUSE = 1.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,22 +134,31 @@ class PeerProcess:
             return start
         return state_from_genesis(self.manifest, self.trainer.layout)
 
-    def _download_live_state(self) -> StartingState:
+    def _download_live_state(self, at_least: int = 0) -> StartingState:
+        """A verified state of round ``at_least`` or later; donors publish theirs moments after
+        a round ends, so a too-old answer is retried a bounded number of times."""
         timeout = self.manifest.config.averaging.round_deadline_seconds * 2
-        record_bytes, tensors = self.node.download_state(timeout=timeout)
-        return state_from_peer(record_bytes, tensors, self.manifest, self.trainer.layout)
+        for attempt in range(_CATCH_UP_TRIES):
+            if attempt:
+                time.sleep(_CATCH_UP_PAUSE)
+            record_bytes, tensors = self.node.download_state(timeout=timeout)
+            start = state_from_peer(record_bytes, tensors, self.manifest, self.trainer.layout)
+            if start.state.round >= at_least:
+                break
+        return start
 
     def _catch_up(self, view: SwarmView) -> None:
-        """Download state when the swarm is ahead of us, or our last round was alone."""
+        """Download state when the swarm is ahead of us, or our last round was alone while
+        others averaged (our parameters have drifted from theirs)."""
         mine = self.trainer.state.round
-        ahead = view.max_round > mine
+        target = max(view.max_round, max(self.last.group_rounds, default=-1) + 1 if self.last else -1)
         drifted = self.last is not None and not self.last.averaged and any(
             r.averaged and r.peer_id != self.peer_id and r.round >= mine for r in view.alive()
         )
-        if not (ahead or drifted):
+        if not (target > mine or drifted):
             return
         try:
-            start = self._download_live_state()
+            start = self._download_live_state(at_least=max(target, mine))
         except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
             self.say(f"behind the swarm but could not load state ({error}); training on")
             return
@@ -202,7 +213,11 @@ class PeerProcess:
                 break
             self._catch_up(read_progress(self.node, self.run_id))
             self._publish()
-            outcome = average_round(self.trainer, self.node, self.manifest, self.peer_id, lambda: self.stop.requested)
+            outcome = average_round(
+                self.trainer, self.node, self.manifest, self.peer_id,
+                stop_requested=lambda: self.stop.requested,
+                swarm_round=lambda: read_progress(self.node, self.run_id).max_round,
+            )
             if outcome is None:
                 break
             self.samples += outcome.samples

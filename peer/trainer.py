@@ -57,8 +57,14 @@ class Trainer:
         self._write_parameters(self.state.parameters)
         self.inner.state.clear()
 
+    @torch.no_grad()
     def _write_parameters(self, flat: torch.Tensor) -> None:
-        torch.nn.utils.vector_to_parameters(flat.to(self.device), self.model.parameters())
+        """Copy θ into the model. A copy, not ``vector_to_parameters``: that makes each parameter
+        a view of ``flat``, so the inner steps would overwrite θ_r itself and Δ would be zero."""
+        offset = 0
+        for parameter in self.model.parameters():
+            parameter.copy_(flat[offset : offset + parameter.numel()].view_as(parameter))
+            offset += parameter.numel()
 
     def inner_steps(self, stop_requested=lambda: False) -> InnerResult:
         """Run H inner steps from θ_r; returns the mean loss (stops early if asked)."""

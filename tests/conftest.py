@@ -248,6 +248,9 @@ class Processes:
             pytest.fail(f"{module} {' '.join(map(str, args))} did not finish within {timeout:.0f} s "
                         f"(killed)\nstdout:\n{stdout[-3000:]}\nstderr:\n{stderr[-3000:]}")
         seconds = time.monotonic() - started
+        deadline = time.monotonic() + P2PD_EXIT_SECONDS  # hivemind's helpers may take a moment to follow
+        while group_alive(process.pid) and time.monotonic() < deadline:
+            time.sleep(0.2)
         if group_alive(process.pid):
             kill_group(process.pid)
             pytest.fail(f"{module} exited ({process.returncode}) but left processes in its group\nstderr:\n{stderr}")

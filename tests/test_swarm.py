@@ -1,6 +1,6 @@
 """A real swarm on loopback: hivemind averaging in-process, then a coordinator and 3 peer processes.
 
-    pytest -q tests/test_swarm.py        # ~3-4 minutes on 2 cores
+    pytest -q tests/test_swarm.py        # ~1.5 minutes on 2 cores
 
 After the in-process averaging check, the tests share one run and follow it in order: 3 peers
 average every round; a 4th peer joins late from verified state; the coordinator is killed and
@@ -11,6 +11,7 @@ flipped byte does not.
 from __future__ import annotations
 
 import hashlib
+import math
 import re
 import shutil
 import struct
@@ -32,6 +33,7 @@ from conftest import (
     wait_for_line,
     wait_until,
 )
+from safetensors.torch import load_file
 
 from peer.swarm import AverageOutcome, SwarmNode
 from protocol.averaging import GroupMember, check_average, probe, probe_signs
@@ -156,15 +158,26 @@ def test_three_peers_average_every_round(run: Run):
                "4 rounds on every peer", must_run=[run.coordinator, *run.peers])
     for index in range(1, PEERS + 1):
         rounds = read_rounds(run.peer_dir(index))
-        assert [r["round"] for r in rounds] == list(range(rounds[0]["round"], rounds[0]["round"] + len(rounds)))
-        local = [r for r in rounds if not r["averaged"]]
-        # At most one local round, and only while the swarm was forming.
-        assert len(local) <= 1 and all(r is rounds[0] for r in local), f"p{index}: {rounds}"
-        for r in rounds[len(local):]:
+        numbers = [r["round"] for r in rounds]
+        assert numbers == sorted(set(numbers)), f"p{index}: rounds out of order: {numbers}"
+        # Whatever a group averages must be outer gradients of one and the same round.
+        for r in rounds:
+            if r["averaged"]:
+                assert r["group_rounds"] == [r["round"]] * r["group_size"], f"p{index} mixed rounds: {r}"
+        # The first round may run while the swarm is still forming (alone, or with fewer peers);
+        # every later one must average all 3 peers' outer gradients.
+        for r in rounds[1:]:
             assert r["averaged"] and r["failure"] is None and r["group_size"] == PEERS, f"p{index}: {r}"
-            assert r["group_rounds"] == [r["round"]] * PEERS, f"p{index}: {r}"
     line = wait_for_line(run.peers[0], "averaged with 3 peers", 5)
     assert "LOCAL ROUND" not in line
+
+    # "Averaged" must mean an outer step on a real outer gradient: a checkpoint past genesis holds
+    # the outer momentum, the running sum of the averaged Δs, which is zero only if every Δ was.
+    wait_until(lambda: len(run.ledger()) >= 2, 60, "the first checkpoint", must_run=[run.coordinator, *run.peers])
+    first = run.ledger()[1]
+    momentum = load_file(str(run.coord_dir / "checkpoints" / f"r{first.round:06d}" / "outer.safetensors"))
+    norm = float(torch.cat([t.reshape(-1) for t in momentum.values()]).norm())
+    assert math.isfinite(norm) and norm > 0.0, f"outer momentum at round {first.round} is {norm}: every Δ was zero"
 
 
 _JOINED = re.compile(
@@ -222,7 +235,8 @@ def test_peers_train_on_without_the_coordinator_and_it_resumes(run: Run):
     assert [e.entry_hash for e in newest[: len(before)]] == [e.entry_hash for e in before]
     audited = run.audit(f"{run.url}/ledger.jsonl", run.coord_dir / "checkpoints")
     assert audited.returncode == 0, audited.stderr
-    assert f"ledger ok: {len(newest)} entries" in audited.stdout or "ledger ok:" in audited.stdout, audited.stdout
+    checked = re.search(r"ledger ok: (\d+) entries", audited.stdout)
+    assert checked and int(checked.group(1)) >= len(newest), audited.stdout  # the ledger may have grown since
 
 
 def _flip_tensor_byte(path: Path) -> None:
