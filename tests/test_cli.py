@@ -87,15 +87,6 @@ def test_join_an_unreachable_coordinator(procs: Processes, tmp_path: Path):
     assert result.seconds < 30, f"took {result.seconds:.0f} s to give up on a closed port"
 
 
-def test_join_without_a_source_is_a_usage_error(procs: Processes, tmp_path: Path):
-    result = procs.run("peer.cli", "join", "--workdir", tmp_path / "p")
-    assert result.returncode == 2, result.stderr
-    assert "Traceback" not in result.stderr
-    assert result.stderr.strip().splitlines()[-1] == (
-        "barnraise-peer join: error: one of the arguments --coordinator --initial-peers is required"
-    )
-
-
 def test_join_usage_error_is_one_line(procs: Processes, tmp_path: Path):
     result = procs.run("peer.cli", "join", "--workdir", tmp_path / "p")
     result.assert_one_line_error(2, "--coordinator", "--initial-peers")
