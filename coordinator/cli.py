@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from coordinator.service import CoordinatorOptions, serve
-from protocol.cli import OneLineParser
-from protocol.errors import BarnraiseError, InputError
+from protocol.cli import OneLineParser, run_command
 
 __all__ = ["main"]
 
@@ -24,28 +24,15 @@ def _parser() -> OneLineParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except InputError as error:
-        print(f"barnraise-coordinator: error: {error}", file=sys.stderr)
-        return 2
+    return run_command("barnraise-coordinator", lambda: _launch(_parser().parse_args(argv)), also=(OSError,))
+
+
+def _launch(args: argparse.Namespace) -> int:
     options = CoordinatorOptions(
         run_config=args.run_config, workdir=args.workdir, host=args.host, http_port=args.http_port,
         on_line=lambda line: print(line, flush=True),
     )
-    try:
-        return serve(options)
-    except InputError as error:
-        print(f"barnraise-coordinator: error: {error}", file=sys.stderr)
-        return 2
-    except BarnraiseError as error:
-        print(f"barnraise-coordinator: error: {error}", file=sys.stderr)
-        return 1
-    except OSError as error:  # e.g. the HTTP port is taken
-        print(f"barnraise-coordinator: error: {error.strerror or error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return serve(options)
 
 
 if __name__ == "__main__":

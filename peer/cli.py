@@ -2,12 +2,12 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 from pathlib import Path
 
 from peer.runner import PeerOptions, run_peer
-from protocol.cli import OneLineParser
-from protocol.errors import BarnraiseError, InputError
+from protocol.cli import OneLineParser, run_command
 from protocol.signing import public_key_from_pem
 
 __all__ = ["main"]
@@ -40,33 +40,23 @@ def _pinned_key(value: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    try:
-        args = _parser().parse_args(argv)
-    except InputError as error:
-        print(f"barnraise-peer: error: {error}", file=sys.stderr)
-        return 2
-    try:
-        options = PeerOptions(
-            coordinator_url=args.coordinator,
-            initial_peers=tuple(args.initial_peers or ()),
-            workdir=args.workdir,
-            host=args.host,
-            coordinator_key=_pinned_key(args.coordinator_key),
-            max_rounds=args.max_rounds,
-            max_minutes=args.max_minutes,
-            device=args.device,
-            threads=args.threads,
-            on_line=lambda line: print(line, flush=True),
-        )
-        return run_peer(options)
-    except InputError as error:
-        print(f"barnraise-peer: error: {error}", file=sys.stderr)
-        return 2
-    except BarnraiseError as error:
-        print(f"barnraise-peer: error: {error}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        return 130
+    return run_command("barnraise-peer", lambda: _join(_parser().parse_args(argv)))
+
+
+def _join(args: argparse.Namespace) -> int:
+    options = PeerOptions(
+        coordinator_url=args.coordinator,
+        initial_peers=tuple(args.initial_peers or ()),
+        workdir=args.workdir,
+        host=args.host,
+        coordinator_key=_pinned_key(args.coordinator_key),
+        max_rounds=args.max_rounds,
+        max_minutes=args.max_minutes,
+        device=args.device,
+        threads=args.threads,
+        on_line=lambda line: print(line, flush=True),
+    )
+    return run_peer(options)
 
 
 if __name__ == "__main__":
