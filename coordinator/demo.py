@@ -122,13 +122,13 @@ def run_demo(workdir: Path, peer_count: int, minutes: float) -> int:
                             workdir / "coordinator.log")
         children.append(coordinator)
         url = _wait_for_endpoint(coordinator, coordinator_dir / "endpoint.json")
-        peers = [
-            Child(f"peer-{i}", "peer.cli",
-                  ["join", "--coordinator", url, "--workdir", str(workdir / f"peer-{i}"), "--host", "127.0.0.1", "--threads", "1"],
-                  workdir / f"peer-{i}.log")
-            for i in range(1, peer_count + 1)
-        ]
-        children.extend(peers)
+        peers = []
+        for i in range(1, peer_count + 1):
+            peers.append(Child(f"peer-{i}", "peer.cli",
+                               ["join", "--coordinator", url, "--workdir", str(workdir / f"peer-{i}"),
+                                "--host", "127.0.0.1", "--threads", "1"],
+                               workdir / f"peer-{i}.log"))
+            children.append(peers[-1])
         _train(url, peers, minutes)
         print("[demo] stopping the peers", flush=True)
         for peer in peers:

@@ -83,6 +83,9 @@ class LedgerStore:
     def append(self, entry: LedgerEntry) -> None:
         """Verify ``entry`` against the head, then store it in one transaction; or write nothing."""
         verify_link(self.head(), entry, self.public_key_hex)
+        # refuse now what the next open() could not decode (e.g. past a size limit)
+        if LedgerEntry.from_bytes(entry.to_bytes()) != entry:
+            raise MalformedRecord(f"ledger entry {entry.seq}: does not survive its own encoding")
         if entry.run_id != self.run_id:
             raise ChainError(f"ledger entry {entry.seq}: run id {entry.run_id} is not this ledger's {self.run_id}")
         connection = self._connection

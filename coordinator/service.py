@@ -14,6 +14,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -30,7 +31,14 @@ from peer.join import state_from_peer
 from peer.progress import MANIFEST_KEY, PROGRESS_TTL, read_progress
 from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
-from protocol.errors import DeadlineExceeded, InputError, MalformedRecord, TransportError, VerificationError
+from protocol.errors import (
+    BarnraiseError,
+    DeadlineExceeded,
+    InputError,
+    MalformedRecord,
+    TransportError,
+    VerificationError,
+)
 from protocol.ledger import next_entry
 from protocol.manifest import RunConfig
 from protocol.signing import public_key_to_pem
@@ -57,7 +65,8 @@ class Coordinator:
 
     def __init__(self, options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode, memory: SwarmMemory):
         self.options, self.run, self.node, self.memory = options, run, node, memory
-        self.tracker = Tracker(run.manifest.run_id)
+        training = run.manifest.config.training
+        self.tracker = Tracker(run.manifest.run_id, samples_per_round=training.inner_steps * training.batch_size)
         self.tracker.seed_from_ledger(run.ledger.head())
         self.manifest_stored_at = time.monotonic()
         self.next_checkpoint_try = 0.0
@@ -132,7 +141,12 @@ class Coordinator:
 
 async def _loop(coordinator: Coordinator, stop: asyncio.Event) -> None:
     while not stop.is_set():
-        await asyncio.to_thread(coordinator.tick)
+        try:
+            await asyncio.to_thread(coordinator.tick)
+        except (BarnraiseError, OSError, sqlite3.Error) as error:
+            # e.g. a full disk while writing a checkpoint: nothing was recorded; try again later
+            coordinator.say(f"this pass failed and is retried: {type(error).__name__}: {error}")
+            coordinator.next_checkpoint_try = time.monotonic() + _CHECKPOINT_RETRY
         try:
             await asyncio.wait_for(stop.wait(), timeout=_POLL_SECONDS)
         except TimeoutError:

@@ -50,7 +50,7 @@ def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vecto
         node.start_averager(
             prefix=f"{manifest.run_id}_avg",
             vector_size=vector_size,
-            compression=manifest.config.averaging.compression,
+            averaging=manifest.config.averaging,
             client_mode=True,
         )
         node.store(MANIFEST_KEY, signed.to_bytes(), ttl=PROGRESS_TTL)

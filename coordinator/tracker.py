@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from dataclasses import dataclass, field
 
 from peer.progress import PROGRESS_TTL, SwarmView
 from protocol.records import Contribution, LedgerEntry, PeerProgress
 
-__all__ = ["Tracker"]
+__all__ = ["Tracker", "MAX_CONTRIBUTORS"]
+
+MAX_CONTRIBUTORS = 4000
+"""Contributors one ledger entry lists (the wire decoder caps a list at 4096 items)."""
 
 
 @dataclass
@@ -16,35 +20,49 @@ class Tracker:
     """Global round, live peers, per-peer sample totals; fed one ``SwarmView`` at a time."""
 
     run_id: str
+    samples_per_round: int
+    """H × batch size: a peer cannot honestly claim more than this per round it has reached."""
     totals: dict[str, int] = field(default_factory=dict)
     """Largest cumulative sample count each peer ever reported (never decreases)."""
     latest: dict[str, PeerProgress] = field(default_factory=dict)
     rejected: int = 0
     updated_at: float = 0.0
+    lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    """``update`` runs on a worker thread while HTTP handlers read: every access holds it."""
 
     def seed_from_ledger(self, head: LedgerEntry) -> None:
+        with self.lock:
+            self._seed(head)
+
+    def _seed(self, head: LedgerEntry) -> None:
         for contribution in head.contributors:
             self.totals[contribution.peer_id] = max(self.totals.get(contribution.peer_id, 0), contribution.samples)
 
     def update(self, view: SwarmView) -> None:
-        for record in view.records.values():
-            known = self.latest.get(record.peer_id)
-            if known is None or record.time >= known.time:
-                self.latest[record.peer_id] = record
-            self.totals[record.peer_id] = max(self.totals.get(record.peer_id, 0), record.samples)
-        self.rejected = view.rejected
-        self.updated_at = time.time()
+        with self.lock:
+            for record in view.records.values():
+                known = self.latest.get(record.peer_id)
+                if known is None or record.time >= known.time:
+                    self.latest[record.peer_id] = record
+                plausible = min(record.samples, (record.round + 1) * self.samples_per_round)
+                self.totals[record.peer_id] = max(self.totals.get(record.peer_id, 0), plausible)
+            self.rejected = view.rejected
+            self.updated_at = time.time()
 
     def alive(self, now: float | None = None) -> list[PeerProgress]:
         now = time.time() if now is None else now
-        return sorted((r for r in self.latest.values() if now - r.time <= PROGRESS_TTL), key=lambda r: r.peer_id)
+        with self.lock:
+            return sorted((r for r in self.latest.values() if now - r.time <= PROGRESS_TTL), key=lambda r: r.peer_id)
 
     @property
     def global_round(self) -> int:
         return max((r.round for r in self.alive()), default=0)
 
     def contributions(self) -> list[Contribution]:
-        return [Contribution(peer_id=p, samples=s) for p, s in sorted(self.totals.items()) if s > 0]
+        """The largest contributors (at most ``MAX_CONTRIBUTORS``, what one ledger entry holds)."""
+        with self.lock:
+            largest = sorted(((s, p) for p, s in self.totals.items() if s > 0), reverse=True)[:MAX_CONTRIBUTORS]
+        return [Contribution(peer_id=p, samples=s) for s, p in sorted(largest, key=lambda item: item[1])]
 
     def peer_maddrs(self) -> list[str]:
         return [a for r in self.alive() for a in r.maddrs[:2]]
@@ -52,12 +70,14 @@ class Tracker:
     def status(self, head: LedgerEntry | None) -> dict:
         now = time.time()
         alive = self.alive(now)
+        with self.lock:
+            totals = dict(self.totals)
         losses = [r.loss for r in alive if r.samples > 0]
         return {
             "run_id": self.run_id,
             "global_round": self.global_round,
             "alive_peers": len(alive),
-            "total_samples": sum(self.totals.values()),
+            "total_samples": sum(totals.values()),
             "mean_loss": sum(losses) / len(losses) if losses else None,
             "rejected_records": self.rejected,
             "updated_at": self.updated_at,
@@ -68,7 +88,7 @@ class Tracker:
                 {
                     "peer_id": r.peer_id,
                     "round": r.round,
-                    "samples": self.totals.get(r.peer_id, r.samples),
+                    "samples": totals.get(r.peer_id, r.samples),
                     "loss": r.loss,
                     "samples_per_second": r.samples_per_second,
                     "averaged_with": r.averaged_with,

@@ -15,6 +15,7 @@ from protocol.records import LedgerEntry
 __all__ = ["CoordinatorClient"]
 
 _SMALL = 16 * 1024 * 1024
+_LEDGER = 256 * 1024 * 1024  # an entry lists every tensor's digest: tens of KiB for a real model
 
 
 class CoordinatorClient:
@@ -55,7 +56,7 @@ class CoordinatorClient:
         return maddrs
 
     def ledger(self) -> list[LedgerEntry]:
-        return entries_from_jsonl(self.get("/ledger.jsonl").decode("utf-8", "replace"))
+        return entries_from_jsonl(self.get("/ledger.jsonl", max_bytes=_LEDGER).decode("utf-8", "replace"))
 
     def download(self, path: str, destination: Path, max_bytes: int) -> None:
         """Stream a file to ``destination`` (written to a temporary name, then renamed)."""

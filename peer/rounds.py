@@ -66,8 +66,8 @@ def average_round(
         return None
     outer_gradient = trainer.outer_gradient()
     signs = probe_signs(round_, outer_gradient.numel())
-    own_probe, own_norm = probe(outer_gradient, signs)
-    member = GroupMember(peer_id=peer_id, round=round_, weight=float(inner.samples), probe=own_probe, norm=own_norm)
+    own_probes, own_norm = probe(outer_gradient, signs)
+    member = GroupMember(peer_id=peer_id, round=round_, weight=float(inner.samples), probes=own_probes, norm=own_norm)
     failure, group, applied, seconds_on_network = None, [member], outer_gradient, 0.0
     if (ahead := swarm_round()) > round_:
         failure = f"behind the swarm (round {round_}, swarm at {ahead}): not averaging a stale update"

@@ -106,14 +106,10 @@ class PeerProcess:
         return self.served
 
     def start(self) -> None:
-        averaging = self.manifest.config.averaging
         self.node.start_averager(
             prefix=f"{self.run_id}_avg",
             vector_size=self.trainer.layout.size,
-            compression=averaging.compression,
-            target_group_size=averaging.target_group_size,
-            min_group_size=averaging.min_group_size,
-            matchmaking_seconds=averaging.matchmaking_seconds,
+            averaging=self.manifest.config.averaging,
             state_source=self._serve,
         )
         start = self._starting_state(read_progress(self.node, self.run_id))
@@ -220,7 +216,8 @@ class PeerProcess:
             )
             if outcome is None:
                 break
-            self.samples += outcome.samples
+            if outcome.averaged:  # a local round's work is not in the swarm's model: no credit
+                self.samples += outcome.samples
             write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
             self.last = outcome
             self._report(outcome, read_progress(self.node, self.run_id))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import torch
 
 from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError
+from protocol.manifest import AveragingConfig
 
 # hivemind logs every failed all-reduce or state download as an exception with a traceback;
 # Barnraise reports each round's outcome itself, so hivemind stays quiet unless the user sets
@@ -74,6 +75,7 @@ class SwarmNode:
 
     def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None):
         self.averager: _StateSharingAverager | None = None
+        self.round_deadline = 0.0
         try:
             self.dht = hivemind.DHT(
                 initial_peers=list(initial_peers),
@@ -89,10 +91,7 @@ class SwarmNode:
         *,
         prefix: str,
         vector_size: int,
-        compression: str = "fp16",
-        target_group_size: int = 4,
-        min_group_size: int = 2,
-        matchmaking_seconds: float = 3.0,
+        averaging: AveragingConfig,
         state_source: StateSource | None = None,
         client_mode: bool = False,
     ) -> None:
@@ -103,33 +102,26 @@ class SwarmNode:
         """
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            self.averager = self._new_averager(
-                prefix, vector_size, compression, target_group_size, min_group_size,
-                matchmaking_seconds, state_source, client_mode,
+            self.averager = _StateSharingAverager(
+                [torch.zeros(max(vector_size, 1))],
+                self.dht,
+                start=True,
+                prefix=prefix,
+                target_group_size=averaging.target_group_size,
+                min_group_size=averaging.min_group_size,
+                min_matchmaking_time=averaging.matchmaking_seconds,
+                request_timeout=min(3.0, averaging.matchmaking_seconds),
+                allreduce_timeout=averaging.round_deadline_seconds,
+                compression=_CODECS[averaging.compression](),
+                state_compression=NoCompression(),
+                allow_state_sharing=state_source is not None,
+                declare_state_period=10.0,
+                client_mode=client_mode,
+                state_source=state_source,
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
-
-    def _new_averager(
-        self, prefix, vector_size, compression, target_group_size, min_group_size,
-        matchmaking_seconds, state_source, client_mode,
-    ) -> _StateSharingAverager:
-        return _StateSharingAverager(
-            [torch.zeros(max(vector_size, 1))],
-            self.dht,
-            start=True,
-            prefix=prefix,
-            target_group_size=target_group_size,
-            min_group_size=min_group_size,
-            min_matchmaking_time=matchmaking_seconds,
-            request_timeout=min(3.0, matchmaking_seconds),
-            compression=_CODECS[compression](),
-            state_compression=NoCompression(),
-            allow_state_sharing=state_source is not None,
-            declare_state_period=10.0,
-            client_mode=client_mode,
-            state_source=state_source,
-        )
+        self.round_deadline = averaging.round_deadline_seconds
 
     def set_state_priority(self, priority: float) -> None:
         """Joiners download from the peer with the highest priority first (we use the round)."""
@@ -154,8 +146,13 @@ class SwarmNode:
         averager = self._need_averager()
         with averager.get_tensors() as buffers:
             buffers[0].copy_(vector.reshape(-1))
+        control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
         try:
-            gathered = averager.step(gather=gather, weight=weight, timeout=timeout)
+            # step's timeout bounds matchmaking only; the all-reduce after it gets its own deadline
+            gathered = control.result(timeout=timeout + self.round_deadline)
+        except TimeoutError:
+            control.cancel()
+            return AverageOutcome(None, {}, time.monotonic() - started, "the all-reduce did not finish before its deadline")
         except Exception as error:  # any failed step means the average did not arrive: reported, not hidden
             return AverageOutcome(None, {}, time.monotonic() - started, f"{type(error).__name__}: {error}"[:200])
         seconds = time.monotonic() - started

@@ -147,6 +147,8 @@ def _type_ok(value: Any, kind: type | tuple[type, ...]) -> bool:
 
 def check_fields(mapping: Mapping[str, Any], fields: tuple[Field, ...], *, what: str) -> dict[str, Any]:
     """Check that ``mapping`` has exactly ``fields``, each of the right type; return a copy."""
+    if not all(isinstance(key, str) for key in mapping):
+        raise MalformedRecord(f"{what}: a field name is not a string")
     expected = {f.name for f in fields}
     present = set(mapping)
     if missing := sorted(expected - present):

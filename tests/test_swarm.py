@@ -38,6 +38,7 @@ from safetensors.torch import load_file
 from peer.swarm import AverageOutcome, SwarmNode
 from protocol.averaging import GroupMember, check_average, probe, probe_signs
 from protocol.ledger import entries_from_jsonl
+from protocol.manifest import AveragingConfig
 from protocol.records import LedgerEntry
 
 pytestmark = pytest.mark.swarm
@@ -55,8 +56,8 @@ def test_swarm_nodes_average_to_the_weighted_mean():
         for _ in range(PEERS - 1):
             nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
         for node in nodes:
-            node.start_averager(prefix="test_avg", vector_size=VECTOR_SIZE, compression="fp16",
-                                target_group_size=4, min_group_size=2, matchmaking_seconds=2.0)
+            node.start_averager(prefix="test_avg", vector_size=VECTOR_SIZE, averaging=AveragingConfig(
+                compression="fp16", target_group_size=4, min_group_size=2, matchmaking_seconds=2.0))
         generator = torch.Generator().manual_seed(0)
         vectors = [torch.randn(VECTOR_SIZE, generator=generator) * scale for scale in (1.0, 3.0, 0.5)]
         weights = [1.0, 2.5, 4.0]
@@ -64,9 +65,9 @@ def test_swarm_nodes_average_to_the_weighted_mean():
         signs = probe_signs(round_, VECTOR_SIZE)
         members = []
         for index, vector in enumerate(vectors):
-            own_probe, own_norm = probe(vector, signs)
+            own_probes, own_norm = probe(vector, signs)
             members.append(GroupMember(peer_id=f"{index:016x}", round=round_, weight=weights[index],
-                                       probe=own_probe, norm=own_norm))
+                                       probes=own_probes, norm=own_norm))
         outcomes: list[AverageOutcome | None] = [None] * PEERS
 
         def average(index: int) -> None:
