@@ -11,7 +11,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-__all__ = ["Child"]
+__all__ = ["Child", "group_alive", "kill_group"]
 
 
 class Child:
@@ -61,25 +61,29 @@ class Child:
             time.sleep(0.2)
         if self.running:
             print(f"[demo] {self.name} did not stop within {grace:.0f} s: killing it", flush=True)
-            _kill_group(self.process.pid)
+            kill_group(self.process.pid)
         code = self.process.wait(timeout=30)
-        if _group_alive(self.process.pid):
+        if group_alive(self.process.pid):
             print(f"[demo] {self.name} left processes behind: killing them", flush=True)
-            _kill_group(self.process.pid)
+            kill_group(self.process.pid)
         self._reader.join(timeout=5)
         self._log.close()
         return code
 
 
-def _group_alive(pgid: int) -> bool:
+def group_alive(pgid: int) -> bool:
+    """Whether any process of group ``pgid`` still exists."""
     try:
         os.killpg(pgid, 0)
-    except (ProcessLookupError, PermissionError):
+    except ProcessLookupError:
         return False
+    except PermissionError:  # it exists, it is just not ours to signal
+        return True
     return True
 
 
-def _kill_group(pgid: int) -> None:
+def kill_group(pgid: int) -> None:
+    """SIGKILL every process of group ``pgid`` (none left is fine)."""
     try:
         os.killpg(pgid, signal.SIGKILL)
     except ProcessLookupError:

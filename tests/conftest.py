@@ -29,6 +29,8 @@ from pathlib import Path
 
 import pytest
 
+from coordinator.children import group_alive, kill_group
+
 MARKER = "BARNRAISE_TEST_SESSION"
 TOKEN = uuid.uuid4().hex
 # Set for this process too: the in-process swarm tests start p2pd daemons from here.
@@ -72,23 +74,6 @@ def our_p2pd() -> set[int]:
         if mark in environ.split(b"\0"):
             ours.add(pid)
     return ours
-
-
-def group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _tail(path: Path, lines: int = 25) -> str:
@@ -340,6 +325,13 @@ def endpoint(child: Child, workdir: Path, timeout: float = 90.0) -> dict:
         return found if found.get("pid") == child.pid else None
 
     return wait_until(current, timeout, f"{child.name} to serve ({workdir}/endpoint.json)", must_run=[child])
+
+
+def serve_coordinator(processes: Processes, root: Path, run_text: str) -> tuple[Child, str]:
+    """Write ``root/RUN.toml``, launch a coordinator in ``root/coord``; (its process, its URL)."""
+    (root / "RUN.toml").write_text(run_text)
+    coordinator = processes.coordinator("coord", root / "RUN.toml", root / "coord")
+    return coordinator, endpoint(coordinator, root / "coord")["url"]
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -23,6 +23,7 @@ from conftest import (
     http_get,
     our_p2pd,
     read_rounds,
+    serve_coordinator,
     wait_for_line,
     wait_until,
 )
@@ -121,9 +122,7 @@ def served(tmp_path_factory):
     root = tmp_path_factory.mktemp("served")
     processes = Processes(root)
     try:
-        (root / "RUN.toml").write_text(SERVED_RUN)
-        coordinator = processes.coordinator("coord", root / "RUN.toml", root / "coord")
-        url = endpoint(coordinator, root / "coord")["url"]
+        coordinator, url = serve_coordinator(processes, root, SERVED_RUN)
     except BaseException:
         processes.close()
         raise

@@ -30,6 +30,7 @@ from conftest import (
     http_get,
     our_p2pd,
     read_rounds,
+    serve_coordinator,
     wait_for_line,
     wait_until,
 )
@@ -138,9 +139,7 @@ def run(tmp_path_factory):
     root = tmp_path_factory.mktemp("swarm")
     processes = Processes(root)
     try:
-        (root / "RUN.toml").write_text(SMALL_RUN)
-        coordinator = processes.coordinator("coord", root / "RUN.toml", root / "coord")
-        url = endpoint(coordinator, root / "coord")["url"]
+        coordinator, url = serve_coordinator(processes, root, SMALL_RUN)
         shared = Run(root, processes, coordinator, url)
         shared.peers = [processes.peer(f"p{i}", url, shared.peer_dir(i)) for i in range(1, PEERS + 1)]
     except BaseException:
