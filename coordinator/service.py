@@ -45,7 +45,8 @@ from protocol.signing import public_key_to_pem
 
 __all__ = ["CoordinatorOptions", "serve"]
 
-_POLL_SECONDS = 2.0
+_POLL_SECONDS = 5.0
+"""How often the coordinator reads the swarm's progress (each read is DHT traffic for every peer)."""
 _MANIFEST_REFRESH = 30.0
 _CHECKPOINT_RETRY = 15.0
 

@@ -9,6 +9,7 @@ from pathlib import Path
 from peer.progress import MANIFEST_KEY, PROGRESS_TTL
 from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
+from protocol.codecs import parse_codec, payload_size
 from protocol.errors import TransportError
 from protocol.manifest import SignedManifest
 
@@ -49,7 +50,7 @@ def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vecto
         manifest = signed.manifest
         node.start_averager(
             prefix=f"{manifest.run_id}_avg",
-            vector_size=vector_size,
+            payload_limit=payload_size(parse_codec(manifest.config.averaging.codec), vector_size),
             averaging=manifest.config.averaging,
             client_mode=True,
         )

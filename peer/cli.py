@@ -27,6 +27,10 @@ def _parser() -> OneLineParser:
     join.add_argument("--max-minutes", type=float, help="leave after this many minutes")
     join.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     join.add_argument("--threads", type=int, help="torch CPU threads")
+    join.add_argument("--eval-every", type=int, default=0, metavar="N",
+                      help="every N rounds, score the consensus model on the held-out split (logged to evals.jsonl)")
+    join.add_argument("--save-state", type=Path, metavar="FILE",
+                      help="on leaving, write the consensus model's parameters to FILE (safetensors)")
     return parser
 
 
@@ -54,6 +58,8 @@ def _join(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         device=args.device,
         threads=args.threads,
+        eval_every=args.eval_every,
+        save_state=args.save_state,
         on_line=lambda line: print(line, flush=True),
     )
     return run_peer(options)

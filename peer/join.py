@@ -37,6 +37,8 @@ class StartingState:
     state: RoundState
     source: str
     """One line for the user: where the state came from and what it was checked against."""
+    live: bool = False
+    """True when a live peer served it (its round's exchange was already in flight without us)."""
 
 
 def state_from_peer(record_bytes: bytes, tensors: list[torch.Tensor], manifest: RunManifest, layout: StateLayout) -> StartingState:
@@ -50,7 +52,7 @@ def state_from_peer(record_bytes: bytes, tensors: list[torch.Tensor], manifest: 
     root = state.root(layout)
     if root != record.state_root:
         raise HashMismatch(f"state from peer {record.peer_id} hashes to {root[:16]}, its signed record says {record.state_root[:16]}")
-    return StartingState(state, f"round {record.round} from peer {record.peer_id} (root {root[:16]} matches its signed record)")
+    return StartingState(state, f"round {record.round} from peer {record.peer_id} (root {root[:16]} matches its signed record)", live=True)
 
 
 def _file_ok(path: Path, sha256: str, size: int) -> bool:

@@ -1,95 +1,177 @@
-"""One round of a peer: inner steps, the averaged outer gradient (checked), the outer step."""
+"""A round's exchange: compress Δ with error feedback, all-gather the payloads, combine them.
+
+    launch:  payload = codec(Δ + e);  e ← Δ + e − decode(payload)   (error feedback)
+             the payload goes to every groupmate; theirs come back (``SwarmNode.start_exchange``)
+    resolve: update = weighted mean of the decoded payloads in canonical order
+             (``protocol.averaging.combine``), or this peer's own decoded payload when the
+             exchange failed: a local round, reported as such
+
+The residual ``e`` is part of the peer's local state: it is saved in the workdir after every
+launch, so a restarted peer still sends what its codec held back.
+"""
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable
+import json
+import time
 from dataclasses import asdict, dataclass
+from pathlib import Path
 
-from peer.swarm import AverageOutcome, SwarmNode
-from peer.trainer import Trainer
-from protocol.averaging import GroupMember, check_average, probe, probe_signs
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as load_safetensors
+from safetensors.torch import save as save_safetensors
+
+from peer.swarm import PendingExchange, SwarmNode
+from peer.workdir import write_atomic
+from protocol.averaging import GroupMember, combine
+from protocol.codecs import compress_with_feedback, decode, parse_codec
 from protocol.errors import MalformedRecord
 from protocol.manifest import RunManifest
 
-__all__ = ["RoundOutcome", "average_round"]
+__all__ = ["RoundWork", "RoundOutcome", "Exchange", "OuterExchanger"]
+
+RESIDUAL_FILE = "residual.safetensors"
+
+
+@dataclass(frozen=True)
+class RoundWork:
+    """What one round's inner steps produced on this peer."""
+
+    round: int
+    loss: float
+    samples: int
+    seconds: float
 
 
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a round did; ``averaged`` is False whenever the peer fell back to its own Δ."""
+    """What a round did; ``averaged`` is False whenever the peer applied only its own payload."""
 
     round: int
     loss: float
     samples: int
     samples_per_second: float
+    """Samples over the seconds of inner steps plus the seconds spent waiting on the network."""
     group_size: int
-    """Peers whose outer gradients are in the applied update (1 when local)."""
+    """Peers whose payloads are in the applied update (1 when local)."""
     averaged: bool
     failure: str | None
+    compute_seconds: float
+    """Seconds of inner steps."""
     network_seconds: float
-    group_rounds: tuple[int, ...]
+    """From the exchange's launch to the last payload in hand (overlapped with compute)."""
+    wait_seconds: float
+    """Of those, the seconds this peer sat idle waiting for them."""
+    payload_bytes: int
+    """Size of this peer's payload (what it uploads to each groupmate)."""
 
     def to_log(self) -> dict:
         return asdict(self)
 
 
-def _check(outcome: AverageOutcome, member: GroupMember, own, signs, codec: str) -> tuple[str | None, list[GroupMember]]:
-    """(why the received vector cannot be used, or None; the group's member records)."""
-    try:
-        group = [GroupMember.from_wire(value) for value in outcome.gathered.values()]
-    except MalformedRecord as error:
-        return f"a groupmate sent a malformed record ({error})", [member]
-    if len(rounds := {m.round for m in group}) > 1:
-        return f"the group mixed rounds {sorted(rounds)}: not applying a stale average", group
-    return check_average(group, outcome.averaged, own, signs, codec), group
+@dataclass
+class Exchange:
+    """One round's exchange: launched (``pending``), or already settled (local or bootstrap)."""
+
+    round: int
+    work: RoundWork | None
+    """None for the empty exchange a peer starts with (it applies a zero update, reports nothing)."""
+    own: torch.Tensor
+    """This peer's own decoded payload: the update of a local round."""
+    payload_bytes: int = 0
+    pending: PendingExchange | None = None
+    failure: str | None = None
 
 
-def average_round(
-    trainer: Trainer,
-    node: SwarmNode,
-    manifest: RunManifest,
-    peer_id: str,
-    stop_requested: Callable[[], bool],
-    swarm_round: Callable[[], int],
-) -> RoundOutcome | None:
-    """Run one round on ``trainer``; None if a stop was requested before it finished.
+class OuterExchanger:
+    """Owns the codec, the error-feedback residual and the peer's side of every exchange."""
 
-    ``swarm_round()`` is asked after the inner steps: if the swarm has moved past this round,
-    this peer's Δ is stale, so it does not enter averaging (which would spoil the round for
-    its groupmates) and the round is local; the runner then catches up.
-    """
-    averaging = manifest.config.averaging
-    round_ = trainer.state.round
-    inner = trainer.inner_steps(stop_requested)
-    if stop_requested() or inner.samples == 0:
-        return None
-    outer_gradient = trainer.outer_gradient()
-    signs = probe_signs(round_, outer_gradient.numel())
-    own_probes, own_norm = probe(outer_gradient, signs)
-    member = GroupMember(peer_id=peer_id, round=round_, weight=float(inner.samples), probes=own_probes, norm=own_norm)
-    failure, group, applied, seconds_on_network = None, [member], outer_gradient, 0.0
-    if (ahead := swarm_round()) > round_:
-        failure = f"behind the swarm (round {round_}, swarm at {ahead}): not averaging a stale update"
-    else:
-        outcome = node.average(
-            outer_gradient, gather=member.to_wire(), weight=float(inner.samples), timeout=averaging.round_deadline_seconds
+    def __init__(self, node: SwarmNode, manifest: RunManifest, peer_id: str, workdir: Path, numel: int):
+        self.node, self.peer_id, self.numel = node, peer_id, numel
+        self.run_id = manifest.run_id
+        self.codec = parse_codec(manifest.config.averaging.codec)
+        self.residual_path = workdir / RESIDUAL_FILE
+        self.residual = self._load_residual()
+
+    def _load_residual(self) -> torch.Tensor:
+        """The residual a previous life of this peer saved for this run and codec, else zeros."""
+        try:
+            raw = self.residual_path.read_bytes()
+            tensors = load_safetensors(raw)
+            metadata = _safetensors_metadata(raw)
+        except (OSError, SafetensorError, ValueError):
+            return torch.zeros(self.numel)
+        residual = tensors.get("residual")
+        fits = metadata.get("run_id") == self.run_id and metadata.get("codec") == self.codec.name
+        if not fits or residual is None or residual.shape != (self.numel,) or residual.dtype != torch.float32:
+            return torch.zeros(self.numel)
+        return residual if bool(torch.isfinite(residual).all()) else torch.zeros(self.numel)
+
+    def _save_residual(self, round_: int) -> None:
+        metadata = {"run_id": self.run_id, "codec": self.codec.name, "round": str(round_)}
+        write_atomic(self.residual_path, save_safetensors({"residual": self.residual.contiguous()}, metadata))
+
+    def empty(self, round_: int) -> Exchange:
+        """The zero-update exchange a peer holds after starting at a consensus state."""
+        return Exchange(round_, None, torch.zeros(self.numel))
+
+    def launch(self, work: RoundWork, delta: torch.Tensor, *, skip: str | None = None) -> Exchange:
+        """Compress Δ (with the residual) and start its exchange; ``skip`` keeps it local."""
+        payload, self.residual = compress_with_feedback(self.codec, delta, self.residual)
+        self._save_residual(work.round)
+        own = decode(payload, self.codec, self.numel)
+        exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip)
+        if skip is None:
+            member = GroupMember.for_payload(
+                peer_id=self.peer_id, round=work.round, weight=float(work.samples), codec=self.codec, payload=payload
+            )
+            exchange.pending = self.node.start_exchange(
+                round=work.round, payload=payload, member=member.to_wire(), weight=float(work.samples)
+            )
+        return exchange
+
+    def resolve(self, exchange: Exchange) -> tuple[torch.Tensor, RoundOutcome | None]:
+        """(the update to apply, the round's outcome); waits for the exchange (bounded)."""
+        update, group_size, failure, seconds, waited = exchange.own, 1, exchange.failure, 0.0, 0.0
+        if exchange.pending is not None:
+            started = time.monotonic()
+            result = exchange.pending.result()
+            waited, seconds, failure = time.monotonic() - started, result.seconds, result.failure
+            if failure is None:
+                update, group_size, failure = self._combine(exchange, result.payloads.values())
+        work = exchange.work
+        if work is None:
+            return update, None
+        busy = work.seconds + waited
+        return update, RoundOutcome(
+            round=work.round,
+            loss=work.loss,
+            samples=work.samples,
+            samples_per_second=work.samples / busy if busy > 0 else 0.0,
+            group_size=group_size,
+            averaged=failure is None,
+            failure=failure,
+            compute_seconds=work.seconds,
+            network_seconds=seconds,
+            wait_seconds=waited,
+            payload_bytes=exchange.payload_bytes,
         )
-        failure, seconds_on_network = outcome.failure, outcome.seconds
-        if failure is None:
-            failure, group = _check(outcome, member, outer_gradient, signs, averaging.compression)
-        if failure is None:
-            applied = outcome.averaged
-    trainer.apply_outer(applied)
-    seconds = inner.seconds + seconds_on_network
-    return RoundOutcome(
-        round=round_,
-        loss=inner.loss if math.isfinite(inner.loss) else 0.0,
-        samples=inner.samples,
-        samples_per_second=inner.samples / seconds if seconds > 0 else 0.0,
-        group_size=len(group) if failure is None else 1,
-        averaged=failure is None,
-        failure=failure,
-        network_seconds=seconds_on_network,
-        group_rounds=tuple(sorted(m.round for m in group)),
-    )
+
+    def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None]:
+        try:
+            group = combine(list(entries), codec=self.codec, numel=self.numel, round=exchange.round)
+        except MalformedRecord as error:
+            return exchange.own, 1, str(error)
+        if len(group.members) < 2 or self.peer_id not in {m.peer_id for m in group.members}:
+            why = "; ".join(group.rejected[:2]) or "no groupmate's payload arrived"
+            return exchange.own, 1, f"no usable groupmate ({why})"
+        return group.update, len(group.members), None
+
+
+def _safetensors_metadata(raw: bytes) -> dict[str, str]:
+    """The ``__metadata__`` map of a safetensors header (already parsed once by the loader)."""
+    size = int.from_bytes(raw[:8], "little")
+    header = json.loads(raw[8 : 8 + size])
+    metadata = header.get("__metadata__", {})
+    return metadata if isinstance(metadata, dict) else {}

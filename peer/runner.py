@@ -2,29 +2,35 @@
 
     barnraise-peer join --coordinator http://127.0.0.1:8470 --workdir peer-1
 
-Each round publishes a signed progress record, runs H inner steps, averages the outer
-gradient with the round's group (checking the average really arrived), takes the outer
-step and prints one line. Ctrl+C finishes the current round's averaging and leaves.
+Each round publishes a signed progress record, runs H inner steps, compresses the outer
+gradient and exchanges it with the round's group (``peer.rounds``), applies the group's update
+with the outer step and prints one line per settled round. With ``averaging.overlap`` the
+exchange of round r runs while round r + 1's inner steps do, and its update is applied one
+round late. Ctrl+C settles the exchange in flight (bounded by its deadline) and leaves.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import signal
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from safetensors.torch import save as save_safetensors
 
 from peer.coordinator_client import CoordinatorClient
-from peer.data import load_corpus
+from peer.data import heldout_windows, load_corpus
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_peer
+from peer.model import build_model, heldout_loss
 from peer.progress import MANIFEST_KEY, PROGRESS_TTL, SwarmView, progress_key, read_progress
-from peer.rounds import RoundOutcome, average_round
+from peer.rounds import Exchange, OuterExchanger, RoundOutcome, RoundWork
 from peer.swarm import SwarmNode
 from peer.trainer import Trainer
 from peer.workdir import load_or_create_key, write_atomic
+from protocol.codecs import parse_codec, payload_size
 from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError, VerificationError
 from protocol.manifest import SignedManifest
 from protocol.records import PeerProgress
@@ -52,6 +58,10 @@ class PeerOptions:
     max_minutes: float | None = None
     device: str = "cpu"
     threads: int | None = None
+    eval_every: int = 0
+    """Score the consensus model on the held-out split every N rounds (0: never)."""
+    save_state: Path | None = None
+    """Write the consensus parameters here (safetensors) when leaving."""
     on_line: object = field(default=print, repr=False)
 
 
@@ -96,8 +106,21 @@ class PeerProcess:
         self.samples = _saved_samples(self.contribution_path, self.run_id)
         """Samples this peer (this key) has contributed to this run, across restarts."""
         self.last: RoundOutcome | None = None
+        self.overlap = self.manifest.config.averaging.overlap
+        self.exchanger: OuterExchanger | None = None
+        self.exchange: Exchange | None = None
+        """Overlap: the exchange of the consensus round (in flight, or empty after a fresh start)."""
+        self.drifted = False
+        """Our consensus state misses an update the swarm applied: load a peer's state next boundary."""
+        self.next_steps: int | None = None
+        """Overlap: inner steps of the next round when this peer launched late (None: all H)."""
         self.stop = _StopFlag()
         self.log_path = options.workdir / "rounds.jsonl"
+        self._eval_model = None
+        self.manifest_stored = -float("inf")
+        self.view: SwarmView | None = None
+        """The swarm as read just before this peer's latest launch (one DHT read per round)."""
+        self._eval_windows = None
 
     def say(self, text: str) -> None:
         self.options.on_line(f"[peer {self.peer_id[:8]}] {text}")
@@ -106,18 +129,41 @@ class PeerProcess:
         return self.served
 
     def start(self) -> None:
+        averaging, numel = self.manifest.config.averaging, self.trainer.layout.size
         self.node.start_averager(
             prefix=f"{self.run_id}_avg",
-            vector_size=self.trainer.layout.size,
-            averaging=self.manifest.config.averaging,
+            payload_limit=payload_size(parse_codec(averaging.codec), numel),
+            averaging=averaging,
             state_source=self._serve,
         )
+        self.exchanger = OuterExchanger(self.node, self.manifest, self.peer_id, self.options.workdir, numel)
         start = self._starting_state(read_progress(self.node, self.run_id))
-        self.trainer.load(start.state)
+        self._adopt(start)
+        self._publish()
+        self._pace_after_load(start.state.round)
         self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at {start.source}")
+
+    def _adopt(self, start: StartingState) -> None:
+        """Load a verified consensus state. Overlap: keep our exchange of that round if we are in
+        it; otherwise hold an empty one, and if a live peer served the state (its round's exchange
+        was in flight without us) load a newer state at the next boundary."""
+        self.trainer.load(start.state)
+        if not self.overlap:
+            return
+        ours = self.exchange
+        if ours is not None and ours.round == start.state.round and ours.work is not None and ours.pending is not None:
+            self.drifted = False
+            return
+        self.exchange = self.exchanger.empty(start.state.round)
+        self.drifted = start.live
 
     def _starting_state(self, view: SwarmView) -> StartingState:
         others = [r for r in view.alive() if r.peer_id != self.peer_id]
+        if others and view.max_round == 0:  # nothing averaged yet: genesis is what they hold
+            try:
+                return state_from_genesis(self.manifest, self.trainer.layout)
+            except VerificationError as error:
+                self.say(f"could not rebuild genesis here ({error}); loading state from peers")
         if others:
             try:
                 return self._download_live_state()
@@ -147,19 +193,20 @@ class PeerProcess:
         """Download state when the swarm is ahead of us, or our last round was alone while
         others averaged (our parameters have drifted from theirs)."""
         mine = self.trainer.state.round
-        target = max(view.max_round, max(self.last.group_rounds, default=-1) + 1 if self.last else -1)
-        drifted = self.last is not None and not self.last.averaged and any(
+        drifted = self.drifted or self.last is not None and not self.last.averaged and any(
             r.averaged and r.peer_id != self.peer_id and r.round >= mine for r in view.alive()
         )
-        if not (target > mine or drifted):
+        if not (view.max_round > mine or drifted):
             return
         try:
-            start = self._download_live_state(at_least=max(target, mine))
+            start = self._download_live_state(at_least=max(view.max_round, mine))
         except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
             self.say(f"behind the swarm but could not load state ({error}); training on")
             return
         if start.state.round >= mine:
-            self.trainer.load(start.state)
+            self._adopt(start)
+            self._publish()
+            self._pace_after_load(start.state.round)
             self.say(f"caught up: now at {start.source}")
 
     def _publish(self) -> PeerProgress:
@@ -179,10 +226,13 @@ class PeerProcess:
             maddrs=self.node.maddrs[:16],
             time=time.time(),
         )
-        self.served = (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
+        # a drifted state is not the swarm's: joiners must not load it
+        self.served = (None, []) if self.drifted else (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
         self.node.set_state_priority(state.round)
         self.node.store(progress_key(self.run_id), record.to_bytes(), ttl=PROGRESS_TTL, subkey=self.peer_id)
-        self.node.store(MANIFEST_KEY, self.signed.to_bytes(), ttl=PROGRESS_TTL)
+        if time.monotonic() - self.manifest_stored > PROGRESS_TTL / 2:  # keep it findable, not re-sent each round
+            self.node.store(MANIFEST_KEY, self.signed.to_bytes(), ttl=PROGRESS_TTL)
+            self.manifest_stored = time.monotonic()
         return record
 
     def _report(self, outcome: RoundOutcome, view: SwarmView) -> None:
@@ -191,13 +241,96 @@ class PeerProcess:
         line = (
             f"round {outcome.round:4d} | loss {outcome.loss:.3f} | {outcome.samples_per_second:6.0f} samples/s"
             f" | averaged with {outcome.group_size} peer{'s' if outcome.group_size != 1 else ''}"
-            f" | net {outcome.network_seconds:4.1f}s | contributed {self.samples} samples ({share:.0%})"
+            f" | net {outcome.network_seconds:4.1f}s, waited {outcome.wait_seconds:4.1f}s"
+            f" | sent {outcome.payload_bytes / 1024:.0f} KiB | contributed {self.samples} samples ({share:.0%})"
         )
         if not outcome.averaged:
             line += f" | LOCAL ROUND: {outcome.failure}"
         self.say(line)
         with self.log_path.open("a") as log:
             log.write(json.dumps(outcome.to_log()) + "\n")
+
+    def _settle(self, exchange: Exchange) -> None:
+        """Apply a finished (or failed) exchange's update with the outer step; report the round."""
+        update, outcome = self.exchanger.resolve(exchange)
+        self.trainer.apply_outer(update)
+        self._publish()
+        if self.options.eval_every > 0 and self.trainer.state.round % self.options.eval_every == 0:
+            self._evaluate()
+        if outcome is None:
+            return
+        if outcome.averaged:  # a local round's work is not in the swarm's model: no credit
+            self.samples += outcome.samples
+        write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
+        self.last = outcome
+        self._report(outcome, self.view or read_progress(self.node, self.run_id))
+
+    def _evaluate(self) -> None:
+        """Held-out loss of the consensus θ (not of this peer's own start point), to evals.jsonl."""
+        if self._eval_model is None:
+            self._eval_model = build_model(self.manifest.config.model)
+            self._eval_windows = heldout_windows(self.corpus, self.manifest.config.data)
+        with torch.no_grad():
+            for name, tensor in self.trainer.layout.views(self.trainer.state.parameters).items():
+                self._eval_model.get_parameter(name).copy_(tensor)
+        loss = heldout_loss(self._eval_model, self._eval_windows)
+        line = {"round": self.trainer.state.round, "time": time.time(), "heldout_loss": loss, "samples": self.samples}
+        with (self.options.workdir / "evals.jsonl").open("a") as log:
+            log.write(json.dumps(line) + "\n")
+
+    def _save_state(self, path: Path) -> None:
+        tensors = {n: t.contiguous() for n, t in self.trainer.layout.views(self.trainer.state.parameters).items()}
+        metadata = {"run_id": self.run_id, "round": str(self.trainer.state.round)}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(path, save_safetensors(tensors, metadata))
+
+    def _round(self) -> bool:
+        """One round: inner steps, settle the previous exchange (overlap), launch this one."""
+        round_ = self.trainer.state.round + (1 if self.overlap else 0)
+        inner = self.trainer.inner_steps(round_, lambda: self.stop.requested, steps=self.next_steps)
+        if self.stop.requested or inner.samples == 0:
+            return False
+        work = RoundWork(round_, inner.loss if math.isfinite(inner.loss) else 0.0, inner.samples, inner.seconds)
+        delta = self.trainer.outer_gradient()
+        if self.overlap:
+            self._settle(self.exchange)  # the consensus moves to round_ (and is published)
+        view = self.view = read_progress(self.node, self.run_id)
+        ahead = view.max_round
+        skip = f"behind the swarm (round {round_}, swarm at {ahead}): not averaging a stale update" if ahead > round_ else None
+        if self.overlap:
+            self.next_steps = self._steps_to_keep_pace(view, round_, inner.seconds / max(1, inner.samples))
+        exchange = self.exchanger.launch(work, delta, skip=skip)
+        if self.overlap:
+            self.exchange = exchange
+            self.trainer.rebase(delta)
+        else:
+            self._settle(exchange)
+        return True
+
+    def _pace_after_load(self, round_: int) -> None:
+        """Overlap: the peers that published ``round_`` launched its exchange then and will launch
+        the next one H steps later; a peer that loads their state late shortens its first round."""
+        if not self.overlap:
+            return
+        view = read_progress(self.node, self.run_id)
+        speeds = [r.samples_per_second for r in view.alive() if r.peer_id != self.peer_id and r.samples_per_second > 0]
+        mine = self.last.samples_per_second if self.last and self.last.samples_per_second > 0 else None
+        speed = mine or (sorted(speeds)[len(speeds) // 2] if speeds else 0.0)
+        self.next_steps = self._steps_to_keep_pace(view, round_, 1.0 / speed if speed > 0 else 0.0)
+
+    def _steps_to_keep_pace(self, view: SwarmView, round_: int, seconds_per_sample: float) -> int | None:
+        """Overlap has no barrier, so a slower peer would drift a little later every round until it
+        missed its groups. Peers publish as they launch; one that launches after the median of the
+        others in its round shortens its next round by that lag (its weight, the samples, shrinks)."""
+        others = sorted(r.time for r in view.alive() if r.peer_id != self.peer_id and r.round == round_)
+        if not others:
+            return None
+        lag = time.time() - others[len(others) // 2]
+        training = self.manifest.config.training
+        step_seconds = seconds_per_sample * training.batch_size
+        if lag <= step_seconds or step_seconds <= 0:
+            return None
+        return max(1, training.inner_steps - math.ceil(lag / step_seconds))
 
     def run(self) -> int:
         started = time.monotonic()
@@ -207,23 +340,19 @@ class PeerProcess:
                 break
             if options.max_minutes is not None and time.monotonic() - started > options.max_minutes * 60:
                 break
-            self._catch_up(read_progress(self.node, self.run_id))
-            self._publish()
-            outcome = average_round(
-                self.trainer, self.node, self.manifest, self.peer_id,
-                stop_requested=lambda: self.stop.requested,
-                swarm_round=lambda: read_progress(self.node, self.run_id).max_round,
-            )
-            if outcome is None:
+            # overlap: the launch just before this read the swarm; sync: an exchange ended since
+            fresh = not self.overlap or self.view is None
+            self._catch_up(read_progress(self.node, self.run_id) if fresh else self.view)
+            if not self._round():
                 break
-            if outcome.averaged:  # a local round's work is not in the swarm's model: no credit
-                self.samples += outcome.samples
-            write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
-            self.last = outcome
-            self._report(outcome, read_progress(self.node, self.run_id))
+        if self.overlap and self.exchange is not None and self.exchange.work is not None:
+            self._settle(self.exchange)  # the round in flight: bounded by its deadline
+            self.exchange = None
         if self.stop.requested:
             self.say("stop requested: leaving the swarm")
         self._publish()
+        if self.options.save_state is not None:
+            self._save_state(self.options.save_state)
         self.say(f"stopped at round {self.trainer.state.round} after contributing {self.samples} samples")
         return 0
 

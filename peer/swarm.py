@@ -7,12 +7,15 @@ own thin adapter (``coordinator/swarm.py``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import signal
 import time
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name to find stream handlers)
 
 import torch
 
@@ -26,30 +29,76 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 
 import hivemind  # noqa: E402
 from hivemind.averaging import DecentralizedAverager  # noqa: E402
-from hivemind.compression import Float16Compression, NoCompression  # noqa: E402
+from hivemind.averaging.group_info import GroupInfo  # noqa: E402
+from hivemind.averaging.matchmaking import MatchmakingException  # noqa: E402
+from hivemind.compression import NoCompression  # noqa: E402
+from hivemind.p2p import P2PContext, PeerID  # noqa: E402
+from hivemind.proto import averaging_pb2  # noqa: E402
+from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time  # noqa: E402
 
-__all__ = ["SwarmNode", "AverageOutcome", "StateSource"]
+__all__ = ["SwarmNode", "ExchangeResult", "PendingExchange", "StateSource"]
 
 logger = logging.getLogger(__name__)
 
 StateSource = Callable[[], tuple[bytes | None, list[torch.Tensor]]]
 """Returns (signed progress record bytes, state tensors) for a joiner, or (None, [])."""
 
-_CODECS = {"fp16": Float16Compression, "none": NoCompression}
+_CHUNK_BYTES = 1 << 20
+"""Payloads stream in messages of at most this size (libp2p's limit per message is 4 MiB)."""
+_KEPT_ROUNDS = 4
+"""Own payloads (and groups) the averager process keeps for groupmates still downloading."""
+_GROUP_WAIT = 10.0
+"""How long a payload request waits for this peer to learn the group it names."""
 
 
 @dataclass(frozen=True)
-class AverageOutcome:
-    """What one averaging round really did."""
+class ExchangeResult:
+    """What one all-gather of compressed payloads really did."""
 
-    averaged: torch.Tensor | None
-    """The group's mean as received, or None when the round failed."""
-    gathered: dict[str, object]
-    """Each groupmate's gathered record (untrusted, still to be decoded), by libp2p id."""
-    seconds: float
+    payloads: dict[str, tuple[object, bytes]]
+    """Each groupmate's (gathered record, payload), by libp2p id, this peer's own included.
+    Untrusted: records are still to be decoded and payloads checked against them."""
     failure: str | None
-    """Why the average did not arrive, or None."""
+    """Why no group's payloads arrived, or None."""
+    seconds: float
+    """From the launch to the last payload in hand."""
+    missing: int = 0
+    """Groupmates whose payload could not be downloaded (left out of ``payloads``)."""
+
+
+class PendingExchange:
+    """An all-gather in flight in the averager's process; ``result`` waits for it (bounded)."""
+
+    def __init__(self, control, started: float, deadline_seconds: float):
+        self._control, self._started, self._deadline = control, started, started + deadline_seconds
+        self._result: ExchangeResult | None = None
+
+    def done(self) -> bool:
+        return self._result is not None or self._control.done()
+
+    def result(self) -> ExchangeResult:
+        """Wait until the exchange ends or its deadline passes (then it is cancelled)."""
+        if self._result is not None:
+            return self._result
+        try:
+            gathered = self._control.result(timeout=max(0.0, self._deadline - time.monotonic()))
+        except TimeoutError:
+            self._control.cancel()
+            failure = "the exchange did not finish before its deadline"
+            self._result = ExchangeResult({}, failure, time.monotonic() - self._started)
+        except Exception as error:  # any failed step means no payloads arrived: reported, not hidden
+            self._result = ExchangeResult({}, f"{type(error).__name__}: {error}"[:200], time.monotonic() - self._started)
+        else:
+            self._result = _exchange_result(gathered, self._started)
+        return self._result
+
+
+def _exchange_result(gathered, started: float) -> ExchangeResult:
+    if not isinstance(gathered, dict) or "payloads" not in gathered:
+        return ExchangeResult({}, "no group formed before the deadline", time.monotonic() - started)
+    seconds = gathered["finished"] - started if isinstance(gathered.get("finished"), float) else 0.0
+    return ExchangeResult(dict(gathered["payloads"]), None, max(seconds, 0.0), int(gathered.get("missing", 0)))
 
 
 class _StateSharingAverager(DecentralizedAverager):
@@ -70,11 +119,91 @@ class _StateSharingAverager(DecentralizedAverager):
         return metadata, tensors, None
 
 
+class _PayloadGatheringAverager(_StateSharingAverager):
+    """Matchmaking from hivemind, then an all-gather of compressed payloads instead of its
+    all-reduce: each groupmate downloads every other groupmate's payload (streamed, size-capped,
+    only to members of the group), so the payload bytes are exactly what crosses the network.
+
+    Runs in hivemind's averager process; the peer hands over its payload with ``offer_payload``
+    before each step.
+    """
+
+    def __init__(self, *args, payload_limit: int, **kwargs):
+        self._payload_limit = payload_limit
+        self._offered: OrderedDict[int, bytes] = OrderedDict()
+        self._groups: OrderedDict[bytes, tuple[bytes, frozenset[PeerID]]] = OrderedDict()
+        super().__init__(*args, **kwargs)
+
+    def offer_payload(self, round_: int, payload: bytes) -> None:
+        """(Peer process) make ``payload`` this peer's part of the exchange of ``round_``."""
+        future = MPFuture()
+        self._outer_pipe.send(("_offer_payload", [], dict(round_=round_, payload=payload, future=future)))
+        future.result(timeout=30.0)
+
+    async def _offer_payload(self, round_: int, payload: bytes, future: MPFuture) -> None:
+        self._offered[round_] = payload
+        while len(self._offered) > _KEPT_ROUNDS:
+            self._offered.popitem(last=False)
+        future.set_result(True)
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, **kwargs) -> dict:
+        try:
+            records = [self.serializer.loads(self.serializer.loads(raw)[2]) for raw in group_info.gathered]
+            own_index = group_info.peer_ids.index(self.peer_id)
+            round_ = records[own_index].get("round") if isinstance(records[own_index], dict) else None
+            payload = self._offered.get(round_)
+            if payload is None:
+                raise MatchmakingException(f"no payload offered for round {round_}")
+            self._groups[group_info.group_id] = (payload, frozenset(group_info.peer_ids))
+            while len(self._groups) > _KEPT_ROUNDS * 2:
+                self._groups.popitem(last=False)
+            others = [(i, p) for i, p in enumerate(group_info.peer_ids) if p != self.peer_id]
+            fetched = await asyncio.gather(*(self._download(p, group_info.group_id) for _, p in others))
+        except MatchmakingException:
+            raise
+        except Exception as error:  # hivemind retries or fails the step on this type only
+            raise MatchmakingException(f"payload exchange failed: {error!r}") from None
+        payloads = {str(self.peer_id): (records[own_index], payload)}
+        for (index, peer), body in zip(others, fetched, strict=True):
+            if body is not None:
+                payloads[str(peer)] = (records[index], body)
+        return {"payloads": payloads, "missing": len(others) + 1 - len(payloads), "finished": time.monotonic()}
+
+    async def _download(self, peer: PeerID, group_id: bytes) -> bytes | None:
+        """A groupmate's payload, or None if it failed or ran past the size limit."""
+        request = averaging_pb2.AveragingData(group_id=group_id, peer_id=self.peer_id.to_bytes())
+        received = bytearray()
+        try:
+            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
+            async for message in await stub.rpc_download_payload(request):
+                received += message.metadata
+                if len(received) > self._payload_limit:
+                    return None
+        except Exception as error:  # a groupmate that fails is left out, and counted as missing
+            logger.debug("payload download from %s failed: %r", peer, error)
+            return None
+        return bytes(received) if received else None
+
+    async def rpc_download_payload(
+        self, request: averaging_pb2.AveragingData, context: P2PContext
+    ) -> AsyncIterator[averaging_pb2.DownloadData]:
+        """Serve this peer's payload of a group to the members of that group, and no one else."""
+        deadline = time.monotonic() + _GROUP_WAIT
+        while request.group_id not in self._groups and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        entry = self._groups.get(request.group_id)
+        if entry is None or context.remote_id not in entry[1]:
+            return
+        payload = entry[0]
+        for start in range(0, len(payload), _CHUNK_BYTES):
+            yield averaging_pb2.DownloadData(metadata=payload[start : start + _CHUNK_BYTES])
+
+
 class SwarmNode:
     """One DHT node and, once a run is known, one averager on the run's prefix."""
 
     def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None):
-        self.averager: _StateSharingAverager | None = None
+        self.averager: _PayloadGatheringAverager | None = None
         self.round_deadline = 0.0
         try:
             self.dht = hivemind.DHT(
@@ -90,20 +219,21 @@ class SwarmNode:
         self,
         *,
         prefix: str,
-        vector_size: int,
+        payload_limit: int,
         averaging: AveragingConfig,
         state_source: StateSource | None = None,
         client_mode: bool = False,
     ) -> None:
-        """Start averaging ``vector_size`` floats on ``prefix``; serve ``state_source`` to joiners.
+        """Start exchanging payloads of up to ``payload_limit`` bytes on ``prefix``; serve
+        ``state_source`` to joiners.
 
         Call from the main thread: hivemind's averager sets SIGINT to "ignore" in the calling
         process when it starts (so Ctrl+C would stop working); we put the handler back.
         """
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            self.averager = _StateSharingAverager(
-                [torch.zeros(max(vector_size, 1))],
+            self.averager = _PayloadGatheringAverager(
+                [torch.zeros(1)],  # hivemind's all-reduce is not used: payloads are all-gathered
                 self.dht,
                 start=True,
                 prefix=prefix,
@@ -112,12 +242,12 @@ class SwarmNode:
                 min_matchmaking_time=averaging.matchmaking_seconds,
                 request_timeout=min(3.0, averaging.matchmaking_seconds),
                 allreduce_timeout=averaging.round_deadline_seconds,
-                compression=_CODECS[averaging.compression](),
                 state_compression=NoCompression(),
                 allow_state_sharing=state_source is not None,
-                declare_state_period=10.0,
+                declare_state_period=30.0,
                 client_mode=client_mode,
                 state_source=state_source,
+                payload_limit=payload_limit,
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
@@ -127,7 +257,7 @@ class SwarmNode:
         """Joiners download from the peer with the highest priority first (we use the round)."""
         self._need_averager().state_sharing_priority = float(priority)
 
-    def _need_averager(self) -> _StateSharingAverager:
+    def _need_averager(self) -> _PayloadGatheringAverager:
         if self.averager is None:
             raise TransportError("the averager has not been started")
         return self.averager
@@ -140,27 +270,17 @@ class SwarmNode:
     def p2p_id(self) -> str:
         return self.dht.peer_id.to_base58()
 
-    def average(self, vector: torch.Tensor, *, gather: dict, weight: float, timeout: float) -> AverageOutcome:
-        """Average ``vector`` with whoever forms this round's group, within ``timeout`` seconds."""
-        started = time.monotonic()
+    def start_exchange(self, *, round: int, payload: bytes, member: dict, weight: float) -> PendingExchange:
+        """Launch the all-gather of ``payload`` with this round's group; returns at once.
+
+        ``member`` (this peer's record) reaches every groupmate through matchmaking. Matchmaking
+        is bounded by the round deadline and the download after it by the same again.
+        """
         averager = self._need_averager()
-        with averager.get_tensors() as buffers:
-            buffers[0].copy_(vector.reshape(-1))
-        control = averager.step(gather=gather, weight=weight, timeout=timeout, wait=False)
-        try:
-            # step's timeout bounds matchmaking only; the all-reduce after it gets its own deadline
-            gathered = control.result(timeout=timeout + self.round_deadline)
-        except TimeoutError:
-            control.cancel()
-            return AverageOutcome(None, {}, time.monotonic() - started, "the all-reduce did not finish before its deadline")
-        except Exception as error:  # any failed step means the average did not arrive: reported, not hidden
-            return AverageOutcome(None, {}, time.monotonic() - started, f"{type(error).__name__}: {error}"[:200])
-        seconds = time.monotonic() - started
-        if not gathered:
-            return AverageOutcome(None, {}, seconds, "no group formed before the deadline")
-        with averager.get_tensors() as buffers:
-            averaged = buffers[0].clone()
-        return AverageOutcome(averaged, {str(k): v for k, v in gathered.items()}, seconds, None)
+        started = time.monotonic()
+        averager.offer_payload(round, payload)
+        control = averager.step(gather=member, weight=weight, timeout=self.round_deadline, wait=False)
+        return PendingExchange(control, started, 2 * self.round_deadline)
 
     def store(self, key: str, value: bytes, *, ttl: float, subkey: str | None = None) -> bool:
         expiration = get_dht_time() + ttl

@@ -1,9 +1,13 @@
 """One peer's training: H inner AdamW steps, the outer gradient, the Nesterov outer step.
 
-    round r:  θ' = H AdamW steps from θ_r on this peer's windows
-              Δ  = θ_r − θ'                       (the outer gradient)
-              Δ̄  = weighted mean of the group's Δ (or Δ itself when the round was local)
+    round r:  x' = H AdamW steps from x_r (the round's start) on this peer's windows
+              Δ  = x_r − x'                       (the outer gradient)
+              Δ̄  = weighted mean of the group's decoded Δ (own decoded Δ when the round was local)
               m  = μ·m + Δ̄ ;  θ_{r+1} = θ_r − η·(Δ̄ + μ·m)   (Nesterov; plain momentum without)
+
+Synchronous rounds start at x_r = θ_r. Overlapped rounds (``averaging.overlap``) start the
+next round before Δ̄ arrives, from θ_r − Δ (the consensus plus this peer's own progress not yet
+averaged: ``rebase``), and apply Δ̄ one round late; see docs/protocol.md, "Staleness".
 
 The inner AdamW state stays with the peer across rounds (as in DiLoCo).
 """
@@ -50,12 +54,18 @@ class Trainer:
         )
         flat = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().cpu()
         self.state = RoundState(0, flat.clone(), torch.zeros_like(flat))
+        self.round_start = flat.clone()
+        """x_r: where this round's inner steps started (Δ is measured from here)."""
 
     def load(self, state: RoundState) -> None:
         """Adopt a (verified) round-boundary state; the inner AdamW state starts over."""
         self.state = state.copy()
-        self._write_parameters(self.state.parameters)
+        self._start_at(self.state.parameters)
         self.inner.state.clear()
+
+    def _start_at(self, flat: torch.Tensor) -> None:
+        self.round_start = flat.clone()
+        self._write_parameters(self.round_start)
 
     @torch.no_grad()
     def _write_parameters(self, flat: torch.Tensor) -> None:
@@ -66,16 +76,17 @@ class Trainer:
             parameter.copy_(flat[offset : offset + parameter.numel()].view_as(parameter))
             offset += parameter.numel()
 
-    def inner_steps(self, stop_requested=lambda: False) -> InnerResult:
-        """Run H inner steps from θ_r; returns the mean loss (stops early if asked)."""
+    def inner_steps(self, round: int, stop_requested=lambda: False, steps: int | None = None) -> InnerResult:
+        """Run round ``round``'s inner steps (H, or ``steps`` fewer) from x_r; returns the mean loss
+        (stops early if asked)."""
         training = self.config.training
         started, losses = time.monotonic(), []
-        for step in range(training.inner_steps):
+        for step in range(min(training.inner_steps, steps or training.inner_steps)):
             if stop_requested():
                 break
             windows = training_batch(
                 self.corpus, self.config.data, training.batch_size,
-                peer_id=self.peer_id, round=self.state.round, step=step,
+                peer_id=self.peer_id, round=round, step=step,
             ).to(self.device)
             loss = batch_loss(self.model, windows)
             self.inner.zero_grad(set_to_none=True)
@@ -89,15 +100,19 @@ class Trainer:
         return InnerResult(mean, samples, time.monotonic() - started)
 
     def outer_gradient(self) -> torch.Tensor:
-        """Δ = θ_r − θ' (flat float32, CPU)."""
+        """Δ = x_r − x' (flat float32, CPU)."""
         local = torch.nn.utils.parameters_to_vector(self.model.parameters()).detach().cpu()
-        return self.state.parameters - local
+        return self.round_start - local
+
+    def rebase(self, own_outer_gradient: torch.Tensor) -> None:
+        """Overlap: start the next round at θ − Δ (consensus plus own progress not yet averaged)."""
+        self._start_at(self.state.parameters - own_outer_gradient)
 
     def apply_outer(self, outer_gradient: torch.Tensor) -> None:
-        """The outer step on the averaged Δ; moves to round r + 1."""
+        """The outer step on the averaged Δ; moves the consensus to round r + 1 and starts there."""
         training = self.config.training
         momentum = self.state.momentum.mul_(training.outer_momentum).add_(outer_gradient)
         update = outer_gradient + training.outer_momentum * momentum if training.nesterov else momentum
         parameters = self.state.parameters - training.outer_lr * update
         self.state = RoundState(self.state.round + 1, parameters, momentum)
-        self._write_parameters(parameters)
+        self._start_at(parameters)

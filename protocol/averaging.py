@@ -1,62 +1,61 @@
-"""Knowing that an average really happened: the record each groupmate gathers, and the check.
+"""A round's all-gather, checked: the record each groupmate sends, and the canonical combine.
 
-hivemind's all-reduce can "succeed" while parts of the vector silently kept local values
-(for example when a codec fails inside the averager). So every peer sends its groupmates a
-``GroupMember`` record with probes of its own outer gradient, and after the all-reduce checks
-that the vector it received has the probe the weighted mean of the members' probes predicts.
-
-A probe is the dot product with a pseudo-random ±1 vector fixed by the round, so a part of
-the vector that was not averaged shows up as a normally distributed deviation of about its own
-norm, while codec rounding (independent of the signs) stays within ``PROBE_SIGMAS`` standard
-deviations of its per-element bound. One probe can miss by luck (a deviation that happens to
-be small: a few percent of the time in simulation), so ``PROBE_COUNT`` independent probes must
-all hold; the tolerance is a high-probability bound, not a worst case.
+Every peer of a group ends the exchange holding every groupmate's compressed payload, so
+each one computes the group's update itself: records are decoded under the strict schema,
+each payload is checked against its record (codec, exact size, sha256) and the manifest
+(codec, vector length), decoded, and the weighted mean is accumulated in one canonical order
+(by Barnraise peer id). Groupmates that received the same payloads therefore hold bit-identical
+updates, and an update is by construction the mean of the decoded payloads that it names:
+there is no silent fallback to a peer's own values.
 """
 
 from __future__ import annotations
 
-import math
+import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
 import torch
 
+from protocol.codecs import Codec, aggregate, decode, payload_size
 from protocol.errors import MalformedRecord
 from protocol.wire import PROTOCOL_VERSION, Field, check_fields, is_hex
 
-__all__ = ["GroupMember", "probe", "probe_signs", "check_average", "CODEC_RELATIVE_ERROR"]
+__all__ = ["GroupMember", "GroupUpdate", "combine"]
 
-CODEC_RELATIVE_ERROR = {"fp16": 2.0**-11, "none": 2.0**-22}
-"""Largest relative rounding error of one element, per wire codec."""
-_FP16_SMALLEST = 6.0e-8  # below this, fp16 flushes to zero: an absolute error per element
-PROBE_SIGMAS = 8.0
-PROBE_COUNT = 4
+_MAX_CODEC_NAME = 64
 
 
 @dataclass(frozen=True, kw_only=True)
 class GroupMember:
-    """What one peer tells its groupmates about its part in a round's average."""
+    """What one peer tells its groupmates about its payload for a round."""
 
     FIELDS: ClassVar[tuple[Field, ...]] = (
         Field("version", int, lambda v: v == PROTOCOL_VERSION),
         Field("peer_id", str, lambda v: is_hex(v, 16)),
         Field("round", int, lambda v: v >= 0),
-        Field("weight", float, lambda v: v > 0),
-        Field("probes", list, lambda v: len(v) == PROBE_COUNT and all(_finite_number(x) for x in v),
-              f"{PROBE_COUNT} finite numbers"),
-        Field("norm", float, lambda v: v >= 0),
+        Field("weight", float, lambda v: v > 0 and v < float("inf")),
+        Field("codec", str, lambda v: 0 < len(v) <= _MAX_CODEC_NAME),
+        Field("payload_size", int, lambda v: v > 0),
+        Field("payload_sha256", str, lambda v: is_hex(v, 64)),
     )
 
     version: int = PROTOCOL_VERSION
     peer_id: str
+    """Barnraise peer id (key id of the peer's signing key)."""
     round: int
     weight: float
     """The averaging weight (samples of this round)."""
-    probes: list[float]
-    """Dot products of the peer's outer gradient with the rows of ``probe_signs(round, n)``."""
-    norm: float
-    """L2 norm of the peer's outer gradient."""
+    codec: str
+    payload_size: int
+    payload_sha256: str
+
+    @classmethod
+    def for_payload(cls, *, peer_id: str, round: int, weight: float, codec: Codec, payload: bytes) -> GroupMember:
+        digest = hashlib.sha256(payload).hexdigest()
+        return cls(peer_id=peer_id, round=round, weight=weight, codec=codec.name, payload_size=len(payload),
+                   payload_sha256=digest)
 
     def to_wire(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.FIELDS}
@@ -68,42 +67,52 @@ class GroupMember:
         return cls(**check_fields(mapping, cls.FIELDS, what="group member"))
 
 
-def _finite_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+@dataclass(frozen=True)
+class GroupUpdate:
+    """The group's update for one round, and who is in it."""
+
+    update: torch.Tensor
+    """Weighted mean of the accepted members' decoded payloads (float32, [numel])."""
+    members: tuple[GroupMember, ...]
+    """Accepted members, in the canonical order they were summed in."""
+    rejected: tuple[str, ...]
+    """One line per groupmate left out, saying why."""
 
 
-def probe_signs(round: int, size: int) -> torch.Tensor:
-    """The round's ±1 vectors ([PROBE_COUNT, size] float64), the same on every peer."""
-    generator = torch.Generator().manual_seed(1_000_003 * round + 17)
-    signs = torch.randint(0, 2, (PROBE_COUNT, size), generator=generator, dtype=torch.int8)
-    return signs.double().mul_(2).sub_(1)
+def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int) -> tuple[GroupMember, torch.Tensor]:
+    member = GroupMember.from_wire(record)
+    if member.round != round:
+        raise MalformedRecord(f"peer {member.peer_id[:8]} sent round {member.round}, not {round}")
+    if member.codec != codec.name:
+        raise MalformedRecord(f"peer {member.peer_id[:8]} used codec {member.codec!r}, not {codec.name!r}")
+    expected = payload_size(codec, numel)
+    if not isinstance(payload, bytes) or len(payload) != member.payload_size or member.payload_size != expected:
+        raise MalformedRecord(f"peer {member.peer_id[:8]}: payload is not the {expected} bytes its codec gives")
+    if hashlib.sha256(payload).hexdigest() != member.payload_sha256:
+        raise MalformedRecord(f"peer {member.peer_id[:8]}: payload does not match its sha256")
+    return member, decode(payload, codec, numel)
 
 
-def probe(vector: torch.Tensor, signs: torch.Tensor) -> tuple[list[float], float]:
-    """(dot with each row of the signs, L2 norm) of a flat float vector, in float64."""
-    flat = vector.reshape(-1).double()
-    return [float(x) for x in signs @ flat], float(flat.norm())
+def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int) -> GroupUpdate:
+    """The group's update from untrusted (record, payload) pairs; bad ones are left out, named.
 
+    Raises ``MalformedRecord`` when no entry is usable.
+    """
+    accepted: dict[str, tuple[GroupMember, torch.Tensor]] = {}
+    rejected: list[str] = []
+    for record, payload in entries:
+        try:
+            member, decoded = _accept(record, payload, codec=codec, numel=numel, round=round)
+        except MalformedRecord as error:
+            rejected.append(str(error))
+            continue
+        if member.peer_id in accepted:
+            rejected.append(f"peer {member.peer_id[:8]} appeared twice in the group")
+            continue
+        accepted[member.peer_id] = (member, decoded)
+    if not accepted:
+        raise MalformedRecord("no groupmate's payload was usable: " + "; ".join(rejected[:3]))
+    members = [accepted[key][0] for key in sorted(accepted)]
+    update = aggregate([accepted[m.peer_id][1] for m in members], [m.weight for m in members])
+    return GroupUpdate(update, tuple(members), tuple(rejected))
 
-def check_average(
-    members: Sequence[GroupMember],
-    averaged: torch.Tensor,
-    own: torch.Tensor,
-    signs: torch.Tensor,
-    codec: str,
-) -> str | None:
-    """None if ``averaged`` is the members' weighted mean within codec error, else why not."""
-    if len(members) < 2:
-        return f"only {len(members)} member(s) in the group"
-    total = sum(m.weight for m in members)
-    actual, averaged_norm = probe(averaged, signs)
-    own_norm = float(own.reshape(-1).double().norm())
-    spread = sum(m.weight * m.norm for m in members) / total + averaged_norm + own_norm
-    relative = CODEC_RELATIVE_ERROR[codec]
-    tolerance = PROBE_SIGMAS * (relative * spread + math.sqrt(averaged.numel()) * _FP16_SMALLEST) + 1e-9
-    for index, received in enumerate(actual):
-        expected = sum(m.weight * m.probes[index] for m in members) / total
-        if not math.isfinite(received) or abs(received - expected) > tolerance:
-            off = abs(received - expected)
-            return f"received vector is not the group's mean (probe {index} off by {off:.3g}, tolerance {tolerance:.3g})"
-    return None

@@ -15,6 +15,7 @@ import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from protocol.codecs import parse_codec
 from protocol.errors import ConfigError, InputError, MalformedRecord, SignatureError
 from protocol.signing import SigningKey, key_id, verify_signature
 from protocol.wire import PROTOCOL_VERSION, canonical_bytes, decode_map, is_hex, is_wire_int
@@ -122,10 +123,14 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AveragingConfig:
-    """How outer gradients are averaged among a round's group."""
+    """How outer gradients are compressed, exchanged and averaged among a round's group."""
 
-    compression: Literal["fp16", "none"] = "fp16"
-    """Wire codec for the averaged outer gradient."""
+    codec: str = "topk-c4096-k64-q2"
+    """Wire codec of each peer's outer gradient (``protocol.codecs``): ``fp16``, ``int8-b<B>``
+    or ``topk-c<C>-k<K>-q<Q>``; what the codec drops is carried to the next round (error feedback)."""
+    overlap: bool = True
+    """Start the next round's inner steps while this round's exchange is in flight and apply its
+    update one round late; False waits for each exchange before the next round."""
     target_group_size: int = 4
     """Largest group one averaging round forms."""
     min_group_size: int = 2
@@ -133,10 +138,14 @@ class AveragingConfig:
     matchmaking_seconds: float = 3.0
     """How long a peer looks for groupmates before averaging."""
     round_deadline_seconds: float = 30.0
-    """Deadline for one round's averaging; past it the round falls back to local values."""
+    """Deadline for matchmaking, and again for downloading the group's payloads; past either the
+    round is local (the peer applies its own decoded payload)."""
 
     def __post_init__(self) -> None:
-        _require(self.compression in ("fp16", "none"), "averaging.compression must be 'fp16' or 'none'")
+        try:
+            parse_codec(self.codec)
+        except ConfigError as error:
+            raise ConfigError(f"averaging.codec: {error}") from None
         _require(self.min_group_size >= 2, "averaging.min_group_size must be at least 2")
         _require(
             self.target_group_size >= self.min_group_size,

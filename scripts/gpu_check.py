@@ -36,7 +36,7 @@ def main() -> None:
     rounds = []
     for _ in range(args.rounds):
         started = time.monotonic()
-        inner = trainer.inner_steps()
+        inner = trainer.inner_steps(trainer.state.round)
         trainer.apply_outer(trainer.outer_gradient())
         root = trainer.state.root(trainer.layout)
         rounds.append({"round": trainer.state.round, "loss": inner.loss, "seconds": time.monotonic() - started})

@@ -61,7 +61,8 @@ ALTERNATIVE = {
         "nesterov": False,
     },
     "averaging": {
-        "compression": "none",
+        "codec": "int8-b256",
+        "overlap": False,
         "target_group_size": 8,
         "min_group_size": 3,
         "matchmaking_seconds": 5.0,
@@ -114,7 +115,8 @@ def test_minimal_toml_gives_the_documented_defaults():
         nesterov=True,
     )
     assert config.averaging == AveragingConfig(
-        compression="fp16", target_group_size=4, min_group_size=2, matchmaking_seconds=3.0, round_deadline_seconds=30.0
+        codec=AveragingConfig().codec, overlap=True, target_group_size=4, min_group_size=2, matchmaking_seconds=3.0,
+        round_deadline_seconds=30.0
     )
     assert config.checkpoints == CheckpointConfig(every_rounds=5)
 
@@ -181,11 +183,10 @@ def test_unknown_tables_and_keys_are_named(text, match):
         ("training", "inner_betas = 0.9", r"training\.inner_betas: 0\.9 is not a valid tuple"),
         ("training", "inner_betas = [0.9, 0.95, 0.99]", r"training\.inner_betas: .* is not a valid tuple"),
         ("training", 'inner_betas = [0.9, "x"]', r"training\.inner_betas: .* is not a valid tuple"),
-        (
-            "averaging",
-            'compression = "int8"',
-            r"averaging\.compression: 'int8' is not a valid choice among 'fp16', 'none'",
-        ),
+        ("averaging", 'codec = "int8"', r"averaging\.codec: codec 'int8' is not a codec name.*"),
+        ("averaging", 'codec = "topk-c4096-k8192-q2"', r"averaging\.codec: .*'topk-c4096-k8192-q2'.*"),
+        ("averaging", "codec = 16", r"averaging\.codec: 16 is not a valid str"),
+        ("averaging", 'overlap = "yes"', r"averaging\.overlap: 'yes' is not a valid bool"),
         ("averaging", "round_deadline_seconds = inf", r"averaging\.round_deadline_seconds: inf is not a valid float"),
         ("checkpoints", "every_rounds = 1979-05-27", r"checkpoints\.every_rounds: .* is not a valid int"),
     ],
@@ -426,7 +427,7 @@ def test_sections_on_the_wire_must_be_complete_and_exact(section):
         (("training", "inner_lr"), "0.1"),
         (("training", "inner_lr"), float("nan")),
         (("training", "nesterov"), 0),
-        (("averaging", "compression"), "int8"),
+        (("averaging", "codec"), "int8"),
         (("model", "n_head"), 3),
         (("data", "seq_len"), 2**64),
     ],
@@ -512,7 +513,8 @@ def run_configs(draw) -> RunConfig:
     min_group = draw(st.integers(2, 64))
     matchmaking = draw(st.floats(0.01, 100.0))
     averaging = AveragingConfig(
-        compression=draw(st.sampled_from(["fp16", "none"])),
+        codec=draw(st.sampled_from(["fp16", "int8-b256", "topk-c4096-k64-q2", "topk-c1024-k8-q4"])),
+        overlap=draw(st.booleans()),
         target_group_size=draw(st.integers(min_group, 128)),
         min_group_size=min_group,
         matchmaking_seconds=matchmaking,

@@ -15,7 +15,6 @@ import math
 import re
 import shutil
 import struct
-import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,67 +35,75 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from peer.swarm import AverageOutcome, SwarmNode
-from protocol.averaging import GroupMember, check_average, probe, probe_signs
+from peer.rounds import OuterExchanger, RoundWork
+from peer.swarm import SwarmNode
+from protocol.codecs import compress_with_feedback, decode, parse_codec, payload_size
 from protocol.ledger import entries_from_jsonl
-from protocol.manifest import AveragingConfig
+from protocol.manifest import AveragingConfig, RunConfig, RunManifest
 from protocol.records import LedgerEntry
 
 pytestmark = pytest.mark.swarm
 
 PEERS = 3
+
+
+EXCHANGE_PEERS = 4
+EXCHANGE_ROUNDS = 3
 VECTOR_SIZE = 100_000
+CODEC = "topk-c1024-k32-q2"
 
 
-def test_swarm_nodes_average_to_the_weighted_mean():
-    """Three SwarmNodes average fp16-compressed vectors; check_average accepts it and catches a fallback."""
+def _exchange_manifest():
+    config = RunConfig(name="exchange", averaging=AveragingConfig(
+        codec=CODEC, target_group_size=EXCHANGE_PEERS, min_group_size=2, matchmaking_seconds=2.0))
+    return RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=0.0)
+
+
+def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path):
+    """4 SwarmNodes on loopback run the peer's exchange (codec, error feedback, all-gather, combine)
+    for several rounds: every peer's update must be the weighted mean of all 4 decoded payloads and
+    bit-identical across peers, so a silent fallback to a peer's own values cannot pass."""
     p2pd_before = our_p2pd()
+    manifest = _exchange_manifest()
+    codec = parse_codec(CODEC)
     nodes: list[SwarmNode] = []
     try:
         nodes.append(SwarmNode(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
-        for _ in range(PEERS - 1):
+        for _ in range(EXCHANGE_PEERS - 1):
             nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
         for node in nodes:
-            node.start_averager(prefix="test_avg", vector_size=VECTOR_SIZE, averaging=AveragingConfig(
-                compression="fp16", target_group_size=4, min_group_size=2, matchmaking_seconds=2.0))
+            node.start_averager(prefix="test_exchange", payload_limit=payload_size(codec, VECTOR_SIZE),
+                                averaging=manifest.config.averaging)
+        exchangers = [OuterExchanger(node, manifest, f"{i:016x}", tmp_path / f"p{i}", VECTOR_SIZE)
+                      for i, node in enumerate(nodes)]
+        for i in range(EXCHANGE_PEERS):
+            (tmp_path / f"p{i}").mkdir()
         generator = torch.Generator().manual_seed(0)
-        vectors = [torch.randn(VECTOR_SIZE, generator=generator) * scale for scale in (1.0, 3.0, 0.5)]
-        weights = [1.0, 2.5, 4.0]
-        round_ = 7
-        signs = probe_signs(round_, VECTOR_SIZE)
-        members = []
-        for index, vector in enumerate(vectors):
-            own_probes, own_norm = probe(vector, signs)
-            members.append(GroupMember(peer_id=f"{index:016x}", round=round_, weight=weights[index],
-                                       probes=own_probes, norm=own_norm))
-        outcomes: list[AverageOutcome | None] = [None] * PEERS
+        for round_ in range(EXCHANGE_ROUNDS):
+            deltas = [torch.randn(VECTOR_SIZE, generator=generator) * (i + 1) for i in range(EXCHANGE_PEERS)]
+            works = [RoundWork(round_, 1.0, 16 * (i + 1), 0.1) for i in range(EXCHANGE_PEERS)]
+            residuals_before = [e.residual.clone() for e in exchangers]
+            exchanges = [e.launch(w, d) for e, w, d in zip(exchangers, works, deltas, strict=True)]
+            results = [e.resolve(x) for e, x in zip(exchangers, exchanges, strict=True)]
 
-        def average(index: int) -> None:
-            outcomes[index] = nodes[index].average(vectors[index], gather=members[index].to_wire(),
-                                                   weight=weights[index], timeout=40.0)
-
-        threads = [threading.Thread(target=average, args=(i,)) for i in range(PEERS)]
-        for thread in threads:
-            thread.start()
-        for thread in threads:
-            thread.join(timeout=60.0)
-        assert not any(thread.is_alive() for thread in threads), "average() did not return within its deadline"
-
-        expected = sum(w * v for w, v in zip(weights, vectors, strict=True)) / sum(weights)
-        largest = max(float(v.abs().max()) for v in vectors)
-        for index, outcome in enumerate(outcomes):
-            assert outcome is not None and outcome.failure is None, f"node {index}: {outcome}"
-            gathered = sorted((GroupMember.from_wire(v) for v in outcome.gathered.values()), key=lambda m: m.peer_id)
-            assert gathered == members, f"node {index} averaged with {[m.peer_id for m in gathered]}"
-            assert torch.allclose(outcome.averaged, expected, rtol=1e-3, atol=1e-3 * largest), (
-                f"node {index}: off by up to {float((outcome.averaged - expected).abs().max()):.3g}"
-            )
-            assert check_average(gathered, outcome.averaged, vectors[index], signs, "fp16") is None
-            # A silent fallback: a third of the vector kept this node's own values.
-            fallback = outcome.averaged.clone()
-            fallback[: VECTOR_SIZE // 3] = vectors[index][: VECTOR_SIZE // 3]
-            reason = check_average(gathered, fallback, vectors[index], signs, "fp16")
-            assert reason is not None and "not the group's mean" in reason
+            # What each peer sent, recomputed independently: codec(Δ + residual) and its decoding.
+            decoded = [decode(compress_with_feedback(codec, d, r)[0], codec, VECTOR_SIZE)
+                       for d, r in zip(deltas, residuals_before, strict=True)]
+            weights = [float(w.samples) for w in works]
+            expected = sum(w * x.double() for w, x in zip(weights, decoded, strict=True)) / sum(weights)
+            for index, (update, outcome) in enumerate(results):
+                assert outcome is not None and outcome.averaged, f"round {round_}, peer {index}: {outcome}"
+                assert outcome.group_size == EXCHANGE_PEERS, f"round {round_}, peer {index}: {outcome}"
+                assert outcome.payload_bytes == payload_size(codec, VECTOR_SIZE)
+                assert torch.allclose(update.double(), expected, rtol=1e-5, atol=1e-6), (
+                    f"round {round_}, peer {index}: off the mean of the decoded payloads by "
+                    f"{float((update.double() - expected).abs().max()):.3g}"
+                )
+                assert torch.equal(update, results[0][0]), f"round {round_}: peers 0 and {index} differ"
+                # the check can fail: a peer's own decoded payload is far from the group's mean
+                assert not torch.allclose(decoded[index].double(), expected, rtol=1e-5, atol=1e-6)
+            for exchanger, before, delta, sent in zip(exchangers, residuals_before, deltas, decoded, strict=True):
+                assert torch.allclose(exchanger.residual, before + delta - sent, atol=1e-5), "error feedback lost"
     finally:
         for node in nodes:
             node.shutdown()
@@ -160,14 +167,13 @@ def test_three_peers_average_every_round(run: Run):
         rounds = read_rounds(run.peer_dir(index))
         numbers = [r["round"] for r in rounds]
         assert numbers == sorted(set(numbers)), f"p{index}: rounds out of order: {numbers}"
-        # Whatever a group averages must be outer gradients of one and the same round.
-        for r in rounds:
-            if r["averaged"]:
-                assert r["group_rounds"] == [r["round"]] * r["group_size"], f"p{index} mixed rounds: {r}"
-        # The first round may run while the swarm is still forming (alone, or with fewer peers);
-        # every later one must average all 3 peers' outer gradients.
-        for r in rounds[1:]:
-            assert r["averaged"] and r["failure"] is None and r["group_size"] == PEERS, f"p{index}: {r}"
+        # The first round may run while the swarm is still forming. Overlapped rounds have no
+        # barrier, so on 2 shared cores a peer can fall a round out of step (it then rejoins; its
+        # round is local and says why); most rounds must still average all 3 peers' payloads.
+        later = rounds[1:]
+        full = [r for r in later if r["averaged"] and r["failure"] is None and r["group_size"] == PEERS]
+        assert len(full) >= max(2, (2 * len(later)) // 3), f"p{index}: {len(full)} of {len(later)} rounds with all 3: {later}"
+        assert all(r["averaged"] or r["failure"] for r in rounds), f"p{index}: a local round without a reason"
     line = wait_for_line(run.peers[0], "averaged with 3 peers", 5)
     assert "LOCAL ROUND" not in line
 

@@ -26,7 +26,7 @@ def test_inner_steps_leave_the_round_state_alone_and_give_a_nonzero_outer_gradie
     loaded = RoundState(7, trainer.state.parameters.clone() + 0.01, torch.zeros_like(trainer.state.parameters))
     trainer.load(loaded)
     before = trainer.state.parameters.clone()
-    trainer.inner_steps()
+    trainer.inner_steps(7)
     # θ_r must survive the inner steps untouched: the model holds a copy, not a view of it.
     assert torch.equal(trainer.state.parameters, before)
     assert torch.equal(loaded.parameters, before)
@@ -47,5 +47,23 @@ def test_outer_step_is_nesterov_on_the_given_outer_gradient():
     model_now = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach()
     assert torch.equal(model_now, trainer.state.parameters)
     # and the model is not a view of the state: training it must not change θ
-    trainer.inner_steps()
+    trainer.inner_steps(1)
     assert torch.allclose(trainer.state.parameters, expected)
+
+
+def test_an_overlapped_round_starts_from_the_consensus_plus_its_own_progress():
+    """rebase: x_{r+1} = θ − Δ, and the next Δ is measured from there (not from θ)."""
+    trainer = _trainer()
+    trainer.inner_steps(0)
+    delta = trainer.outer_gradient()
+    trainer.apply_outer(torch.zeros_like(delta))  # the earlier round's (empty) update arrives
+    theta = trainer.state.parameters.clone()
+    trainer.rebase(delta)
+    model_now = torch.nn.utils.parameters_to_vector(trainer.model.parameters()).detach()
+    assert torch.allclose(model_now, theta - delta)
+    assert torch.allclose(trainer.round_start, theta - delta)
+    assert torch.equal(trainer.state.parameters, theta), "rebase must not move the consensus"
+    assert float(trainer.outer_gradient().abs().max()) == 0.0
+    trainer.inner_steps(1)
+    assert torch.allclose(trainer.outer_gradient(), theta - delta - torch.nn.utils.parameters_to_vector(
+        trainer.model.parameters()).detach())
