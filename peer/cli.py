@@ -29,6 +29,8 @@ def _parser() -> OneLineParser:
     join.add_argument("--threads", type=int, help="torch CPU threads")
     join.add_argument("--eval-every", type=int, default=0, metavar="N",
                       help="every N rounds, score the consensus model on the held-out split (logged to evals.jsonl)")
+    join.add_argument("--wait-for-peers", type=int, default=0, metavar="N",
+                      help="before the first round, wait up to 3 minutes until N peers (this one included) are present")
     join.add_argument("--save-state", type=Path, metavar="FILE",
                       help="on leaving, write the consensus model's parameters to FILE (safetensors)")
     return parser
@@ -59,6 +61,7 @@ def _join(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         eval_every=args.eval_every,
+        wait_for_peers=args.wait_for_peers,
         save_state=args.save_state,
         on_line=lambda line: print(line, flush=True),
     )

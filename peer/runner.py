@@ -41,6 +41,7 @@ __all__ = ["PeerOptions", "run_peer"]
 _MANIFEST_WAIT = 30.0
 _CATCH_UP_TRIES = 5
 _CATCH_UP_PAUSE = 1.0
+_GATHER_WAIT = 180.0
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -60,6 +61,8 @@ class PeerOptions:
     threads: int | None = None
     eval_every: int = 0
     """Score the consensus model on the held-out split every N rounds (0: never)."""
+    wait_for_peers: int = 0
+    """Before the first round, wait (up to ``_GATHER_WAIT`` s) until this many peers are present."""
     save_state: Path | None = None
     """Write the consensus parameters here (safetensors) when leaving."""
     on_line: object = field(default=print, repr=False)
@@ -142,6 +145,21 @@ class PeerProcess:
         self._publish()
         self._pace_after_load(start.state.round)
         self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at {start.source}")
+        self._wait_for_peers(self.options.wait_for_peers)
+
+    def _wait_for_peers(self, wanted: int) -> None:
+        """Start a fresh run together: wait until ``wanted`` peers (this one included) are present
+        at this round, or until the swarm is already past it, or ``_GATHER_WAIT`` seconds."""
+        deadline, present = time.monotonic() + _GATHER_WAIT, 1
+        while wanted > 1 and not self.stop.requested and time.monotonic() < deadline:
+            view = read_progress(self.node, self.run_id)
+            here = [r for r in view.alive() if r.round == self.trainer.state.round]
+            present = len({r.peer_id for r in here} | {self.peer_id})
+            if present >= wanted or view.max_round > self.trainer.state.round:
+                return
+            time.sleep(1.0)
+        if wanted > 1 and not self.stop.requested:
+            self.say(f"only {present} of {wanted} peers after {_GATHER_WAIT:.0f} s; starting anyway")
 
     def _adopt(self, start: StartingState) -> None:
         """Load a verified consensus state. Overlap: keep our exchange of that round if we are in

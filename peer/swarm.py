@@ -10,11 +10,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
+import shutil
 import signal
+import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name to find stream handlers)
 
 import torch
@@ -125,22 +128,37 @@ class _PayloadGatheringAverager(_StateSharingAverager):
     only to members of the group), so the payload bytes are exactly what crosses the network.
 
     Runs in hivemind's averager process; the peer hands over its payload with ``offer_payload``
-    before each step.
+    before each step, as a file in a private folder: hivemind's command pipe is non-blocking in
+    that process, and a message of megabytes can break partway through when the CPU is busy.
     """
 
-    def __init__(self, *args, payload_limit: int, **kwargs):
+    def __init__(self, *args, payload_limit: int, handoff: Path, **kwargs):
         self._payload_limit = payload_limit
+        self._handoff = handoff
         self._offered: OrderedDict[int, bytes] = OrderedDict()
         self._groups: OrderedDict[bytes, tuple[bytes, frozenset[PeerID]]] = OrderedDict()
         super().__init__(*args, **kwargs)
 
     def offer_payload(self, round_: int, payload: bytes) -> None:
         """(Peer process) make ``payload`` this peer's part of the exchange of ``round_``."""
+        path = self._handoff / f"{round_}.payload"
+        partial = path.with_suffix(".partial")
+        partial.write_bytes(payload)
+        os.replace(partial, path)
         future = MPFuture()
-        self._outer_pipe.send(("_offer_payload", [], dict(round_=round_, payload=payload, future=future)))
-        future.result(timeout=30.0)
+        self._outer_pipe.send(("_offer_payload", [], dict(round_=round_, path=str(path), future=future)))
+        try:
+            future.result(timeout=30.0)
+        except TimeoutError:
+            raise TransportError("the averager process did not take this round's payload within 30 s") from None
 
-    async def _offer_payload(self, round_: int, payload: bytes, future: MPFuture) -> None:
+    async def _offer_payload(self, round_: int, path: str, future: MPFuture) -> None:
+        try:
+            payload = Path(path).read_bytes()
+            os.unlink(path)
+        except OSError as error:
+            future.set_exception(TransportError(f"payload hand-off failed: {error}"))
+            return
         self._offered[round_] = payload
         while len(self._offered) > _KEPT_ROUNDS:
             self._offered.popitem(last=False)
@@ -205,6 +223,7 @@ class SwarmNode:
     def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None):
         self.averager: _PayloadGatheringAverager | None = None
         self.round_deadline = 0.0
+        self._handoff: Path | None = None
         try:
             self.dht = hivemind.DHT(
                 initial_peers=list(initial_peers),
@@ -248,10 +267,18 @@ class SwarmNode:
                 client_mode=client_mode,
                 state_source=state_source,
                 payload_limit=payload_limit,
+                handoff=self._handoff_folder(),
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
         self.round_deadline = averaging.round_deadline_seconds
+
+    def _handoff_folder(self) -> Path:
+        """A private folder (in shared memory when there is one) for handing payloads over."""
+        if self._handoff is None:
+            shm = Path("/dev/shm")
+            self._handoff = Path(tempfile.mkdtemp(prefix="barnraise-", dir=shm if shm.is_dir() else None))
+        return self._handoff
 
     def set_state_priority(self, priority: float) -> None:
         """Joiners download from the peer with the highest priority first (we use the round)."""
@@ -320,3 +347,5 @@ class SwarmNode:
                 self.averager.shutdown()
         finally:
             self.dht.shutdown()
+            if self._handoff is not None:
+                shutil.rmtree(self._handoff, ignore_errors=True)

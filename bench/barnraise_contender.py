@@ -1,0 +1,252 @@
+"""Contender (c): Barnraise itself, as volunteers run it: a coordinator and N ``barnraise-peer``
+processes on the reference task, for the same number of training tokens as the baselines.
+
+A variant fixes H (inner steps per round), the codec and overlap. ``steps`` global steps of
+``global_batch`` windows become ``steps // H`` rounds of H inner steps of ``per_peer_batch``
+windows on each of the N peers: the same tokens. Peers join by multiaddr with the coordinator's
+key pinned, so each builds genesis locally (nothing is downloaded at start), and the
+coordinator takes no checkpoints during the run (its state downloads would be extra bytes);
+its DHT traffic (tracking progress) is counted with everything else. At the end every peer
+writes its consensus parameters (``--save-state``); the held-out loss is scored here, on the
+same windows as the baselines, and peer 0 logs a held-out curve on the way (``--eval-every``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from safetensors.torch import load_file
+
+from bench.ranks import Launcher, RankFailed, child_env
+from bench.task import TaskSpec, evaluate
+from coordinator.children import group_alive, kill_group
+from peer.data import load_corpus
+from peer.model import build_model, load_parameters
+
+__all__ = ["Variant", "run_barnraise", "run_toml"]
+
+_REAP_SECONDS = 20.0
+
+
+@dataclass(frozen=True, kw_only=True)
+class Variant:
+    """One Barnraise configuration to measure."""
+
+    name: str
+    inner_steps: int
+    codec: str
+    overlap: bool = True
+    outer_lr: float = 0.7
+    outer_momentum: float = 0.9
+    matchmaking_seconds: float = 2.0
+    round_deadline_seconds: float = 30.0
+
+
+def run_toml(spec: TaskSpec, variant: Variant, eval_windows: int) -> str:
+    """The RUN.toml of a variant on the task: same model, data, batch and AdamW as the baselines."""
+    model, data = spec.model, spec.data
+    return f"""[run]
+name = "bench-{variant.name}"
+
+[model]
+n_positions = {model.n_positions}
+n_embd = {model.n_embd}
+n_layer = {model.n_layer}
+n_head = {model.n_head}
+init_seed = {model.init_seed}
+
+[data]
+seq_len = {data.seq_len}
+seed = {data.seed}
+eval_windows = {eval_windows}
+
+[training]
+inner_steps = {variant.inner_steps}
+batch_size = {spec.per_peer_batch}
+inner_lr = {spec.inner_lr}
+inner_betas = [{spec.betas[0]}, {spec.betas[1]}]
+inner_weight_decay = {spec.weight_decay}
+grad_clip = {spec.grad_clip}
+outer_lr = {variant.outer_lr}
+outer_momentum = {variant.outer_momentum}
+
+[averaging]
+codec = "{variant.codec}"
+overlap = {str(variant.overlap).lower()}
+target_group_size = {spec.peers}
+min_group_size = 2
+matchmaking_seconds = {variant.matchmaking_seconds}
+round_deadline_seconds = {variant.round_deadline_seconds}
+
+[checkpoints]
+every_rounds = 1000000
+"""
+
+
+def _start(argv: list[str], log: Path, launcher: Launcher | None, rank: int) -> subprocess.Popen[bytes]:
+    command = launcher(rank, argv) if launcher else argv
+    with log.open("wb") as out:
+        return subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True)
+
+
+def _wait_for_endpoint(workdir: Path, coordinator: subprocess.Popen[bytes], timeout_s: float) -> dict[str, Any]:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if coordinator.poll() is not None:
+            raise RankFailed(f"the coordinator exited with {coordinator.returncode} (see {workdir / 'coord.log'})")
+        try:
+            return json.loads((workdir / "coord" / "endpoint.json").read_text())
+        except (FileNotFoundError, ValueError):
+            time.sleep(0.2)
+    raise RankFailed(f"the coordinator did not serve within {timeout_s:.0f} s")
+
+
+def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
+    """SIGTERM every group, wait a bounded time, SIGKILL what is left (hivemind's p2pd included)."""
+    for process in processes:
+        if process.poll() is None:
+            try:
+                os.killpg(process.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    deadline = time.monotonic() + _REAP_SECONDS
+    while time.monotonic() < deadline and any(group_alive(p.pid) for p in processes):
+        time.sleep(0.2)
+    for process in processes:
+        kill_group(process.pid)
+        try:
+            process.wait(timeout=5.0)
+        except subprocess.TimeoutExpired:
+            pass
+
+
+def _peer_argv(
+    spec: TaskSpec, workdir: Path, rank: int, endpoint: dict, rounds: int, host: str, every: int
+) -> list[str]:
+    folder = workdir / f"p{rank}"
+    argv = [
+        sys.executable,
+        "-m",
+        "peer.cli",
+        "join",
+        "--initial-peers",
+        *endpoint["maddrs"],
+        "--coordinator-key",
+        str(workdir / "coord" / "coordinator.pub"),
+        "--workdir",
+        str(folder),
+        "--host",
+        host,
+        "--max-rounds",
+        str(rounds),
+        "--threads",
+        "1",
+        "--save-state",
+        str(folder / "final.safetensors"),
+    ]
+    return argv + (["--eval-every", str(every)] if rank == 0 and every > 0 else [])
+
+
+def run_barnraise(
+    spec: TaskSpec,
+    variant: Variant,
+    workdir: Path,
+    *,
+    timeout_s: float = 1800.0,
+    launcher: Launcher | None = None,
+    host_ips: list[str] | None = None,
+    coordinator_ip: str = "127.0.0.1",
+) -> dict[str, Any]:
+    """Train the task with Barnraise; the caller measures bytes around this call."""
+    rounds = max(1, spec.steps // variant.inner_steps)
+    eval_windows = spec.eval_windows or spec.data.eval_windows
+    every = max(1, rounds // spec.curve_points)
+    workdir.mkdir(parents=True, exist_ok=True)
+    (workdir / "RUN.toml").write_text(run_toml(spec, variant, eval_windows))
+    started = time.monotonic()
+    coordinator = _start(
+        [
+            sys.executable,
+            "-m",
+            "coordinator.cli",
+            "launch",
+            str(workdir / "RUN.toml"),
+            "--workdir",
+            str(workdir / "coord"),
+            "--host",
+            coordinator_ip,
+            "--http-port",
+            "0",
+        ],
+        workdir / "coord.log",
+        None,
+        -1,
+    )
+    processes = [coordinator]
+    try:
+        endpoint = _wait_for_endpoint(workdir, coordinator, 120.0)
+        started, wall_start = time.monotonic(), time.time()
+        for rank in range(spec.peers):
+            host = host_ips[rank] if host_ips else "127.0.0.1"
+            argv = _peer_argv(spec, workdir, rank, endpoint, rounds, host, every)
+            processes.append(_start(argv, workdir / f"p{rank}.log", launcher, rank))
+        _wait_peers(processes[1:], workdir, started + timeout_s)
+        seconds = time.monotonic() - started
+    finally:
+        _stop_all(processes)
+    return _summary(spec, variant, workdir, rounds, seconds, wall_start)
+
+
+def _wait_peers(peers: list[subprocess.Popen[bytes]], workdir: Path, deadline: float) -> None:
+    while any(p.poll() is None for p in peers):
+        if time.monotonic() > deadline:
+            raise RankFailed(f"peers still running at the deadline (logs in {workdir})")
+        time.sleep(0.5)
+    for rank, peer in enumerate(peers):
+        if peer.returncode != 0:
+            tail = (workdir / f"p{rank}.log").read_text(errors="replace").splitlines()[-3:]
+            raise RankFailed(f"peer {rank} exited with {peer.returncode}: {' | '.join(tail)}")
+
+
+def _summary(spec: TaskSpec, variant: Variant, workdir: Path, rounds: int, seconds: float,
+             wall_start: float) -> dict[str, Any]:
+    corpus = load_corpus(spec.data)
+    model = build_model(spec.model)
+    losses = []
+    for rank in range(spec.peers):
+        load_parameters(model, load_file(str(workdir / f"p{rank}" / "final.safetensors")))
+        losses.append(evaluate(model, corpus, spec))
+    logs = [
+        [json.loads(line) for line in (workdir / f"p{r}" / "rounds.jsonl").read_text().splitlines()]
+        for r in range(spec.peers)
+    ]
+    flat = [r for log in logs for r in log]
+    compute = sum(r["compute_seconds"] for r in flat) / spec.peers
+    evals = workdir / "p0" / "evals.jsonl"
+    curve = [json.loads(line) for line in evals.read_text().splitlines()] if evals.exists() else []
+    # the consensus of round b holds b rounds of H steps (b − 1 with overlap: its round 0 is empty)
+    step_of = lambda b: max(0, b - int(variant.overlap)) * variant.inner_steps  # noqa: E731
+    return {
+        "contender": f"barnraise-{variant.name}",
+        "variant": variant.__dict__,
+        "heldout_loss": losses[0],
+        "heldout_loss_peers": losses,
+        "rounds": rounds,
+        "averaged_fraction": sum(1 for r in flat if r["averaged"]) / max(1, len(flat)),
+        "full_group_fraction": sum(1 for r in flat if r["group_size"] == spec.peers) / max(1, len(flat)),
+        "tokens": sum(r["samples"] for r in flat) * spec.data.seq_len,
+        "payload_bytes": flat[0]["payload_bytes"] if flat else 0,
+        "seconds": seconds,
+        "compute_fraction": min(1.0, compute / seconds) if seconds > 0 else 0.0,
+        "curve": [
+            {"step": step_of(c["round"]), "seconds": c["time"] - wall_start, "heldout_loss": c["heldout_loss"]} for c in curve
+        ],
+    }
