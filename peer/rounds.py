@@ -26,7 +26,7 @@ from peer.swarm import PendingExchange, SwarmNode
 from peer.workdir import write_atomic
 from protocol.averaging import GroupMember, combine
 from protocol.codecs import compress_with_feedback, decode, parse_codec
-from protocol.errors import MalformedRecord
+from protocol.errors import InputError, TransportError
 from protocol.manifest import RunManifest
 
 __all__ = ["RoundWork", "RoundOutcome", "Exchange", "OuterExchanger"]
@@ -82,6 +82,8 @@ class Exchange:
     payload_bytes: int = 0
     pending: PendingExchange | None = None
     failure: str | None = None
+    delta: torch.Tensor | None = None
+    """This peer's own outer gradient of the round (its progress on top of the consensus)."""
 
 
 class OuterExchanger:
@@ -91,6 +93,8 @@ class OuterExchanger:
         self.node, self.peer_id, self.numel = node, peer_id, numel
         self.run_id = manifest.run_id
         self.codec = parse_codec(manifest.config.averaging.codec)
+        training = manifest.config.training
+        self.max_weight = float(training.inner_steps * training.batch_size)
         self.residual_path = workdir / RESIDUAL_FILE
         self.residual = self._load_residual()
 
@@ -121,14 +125,17 @@ class OuterExchanger:
         payload, self.residual = compress_with_feedback(self.codec, delta, self.residual)
         self._save_residual(work.round)
         own = decode(payload, self.codec, self.numel)
-        exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip)
+        exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip, delta=delta)
         if skip is None:
             member = GroupMember.for_payload(
                 peer_id=self.peer_id, round=work.round, weight=float(work.samples), codec=self.codec, payload=payload
             )
-            exchange.pending = self.node.start_exchange(
-                round=work.round, payload=payload, member=member.to_wire(), weight=float(work.samples)
-            )
+            try:
+                exchange.pending = self.node.start_exchange(
+                    round=work.round, payload=payload, member=member.to_wire(), weight=float(work.samples)
+                )
+            except TransportError as error:  # the residual already assumes this payload: a local round
+                exchange.failure = str(error)
         return exchange
 
     def resolve(self, exchange: Exchange) -> tuple[torch.Tensor, RoundOutcome | None]:
@@ -138,6 +145,9 @@ class OuterExchanger:
             started = time.monotonic()
             result = exchange.pending.result()
             waited, seconds, failure = time.monotonic() - started, result.seconds, result.failure
+            if failure is None and result.missing:
+                # groupmates that got every payload would average a different set: stay out
+                failure = f"{result.missing} groupmate payload(s) did not arrive"
             if failure is None:
                 update, group_size, failure = self._combine(exchange, result.payloads.values())
         work = exchange.work
@@ -160,8 +170,9 @@ class OuterExchanger:
 
     def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None]:
         try:
-            group = combine(list(entries), codec=self.codec, numel=self.numel, round=exchange.round)
-        except MalformedRecord as error:
+            group = combine(list(entries), codec=self.codec, numel=self.numel, round=exchange.round,
+                            max_weight=self.max_weight)
+        except InputError as error:  # MalformedRecord, or weights that do not sum to a finite number
             return exchange.own, 1, str(error)
         if len(group.members) < 2 or self.peer_id not in {m.peer_id for m in group.members}:
             why = "; ".join(group.rejected[:2]) or "no groupmate's payload arrived"

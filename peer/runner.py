@@ -121,6 +121,7 @@ class PeerProcess:
         self.log_path = options.workdir / "rounds.jsonl"
         self._eval_model = None
         self.manifest_stored = -float("inf")
+        self.published_root = ""
         self.view: SwarmView | None = None
         """The swarm as read just before this peer's latest launch (one DHT read per round)."""
         self._eval_windows = None
@@ -157,6 +158,9 @@ class PeerProcess:
             present = len({r.peer_id for r in here} | {self.peer_id})
             if present >= wanted or view.max_round > self.trainer.state.round:
                 return
+            mine = view.records.get(self.peer_id)
+            if mine is None or time.time() - mine.time > PROGRESS_TTL / 2:
+                self._publish()  # stay visible to the others while waiting
             time.sleep(1.0)
         if wanted > 1 and not self.stop.requested:
             self.say(f"only {present} of {wanted} peers after {_GATHER_WAIT:.0f} s; starting anyway")
@@ -171,7 +175,10 @@ class PeerProcess:
         ours = self.exchange
         if ours is not None and ours.round == start.state.round and ours.work is not None and ours.pending is not None:
             self.drifted = False
+            self.trainer.rebase(ours.delta)  # our own progress of that round stays on top
             return
+        if ours is not None and ours.pending is not None:
+            ours.pending.cancel()  # it would hold matchmaking for our next exchange
         self.exchange = self.exchanger.empty(start.state.round)
         self.drifted = start.live
 
@@ -239,11 +246,12 @@ class PeerProcess:
             averaged_with=last.group_size if last else 1,
             averaged=bool(last and last.averaged),
             network_seconds=last.network_seconds if last else 0.0,
-            state_root=state.root(self.trainer.layout),
+            state_root=(root := state.root(self.trainer.layout)),
             p2p_id=self.node.p2p_id,
             maddrs=self.node.maddrs[:16],
             time=time.time(),
         )
+        self.published_root = root
         # a drifted state is not the swarm's: joiners must not load it
         self.served = (None, []) if self.drifted else (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
         self.node.set_state_priority(state.round)
@@ -265,8 +273,11 @@ class PeerProcess:
         if not outcome.averaged:
             line += f" | LOCAL ROUND: {outcome.failure}"
         self.say(line)
+        # the consensus root after this round's update: equal on groupmates that averaged together
+        entry = outcome.to_log() | {"state_round": self.trainer.state.round, "state_root": self.published_root,
+                                    "drifted": self.drifted}
         with self.log_path.open("a") as log:
-            log.write(json.dumps(outcome.to_log()) + "\n")
+            log.write(json.dumps(entry) + "\n")
 
     def _settle(self, exchange: Exchange) -> None:
         """Apply a finished (or failed) exchange's update with the outer step; report the round."""
@@ -338,12 +349,17 @@ class PeerProcess:
 
     def _steps_to_keep_pace(self, view: SwarmView, round_: int, seconds_per_sample: float) -> int | None:
         """Overlap has no barrier, so a slower peer would drift a little later every round until it
-        missed its groups. Peers publish as they launch; one that launches after the median of the
-        others in its round shortens its next round by that lag (its weight, the samples, shrinks)."""
-        others = sorted(r.time for r in view.alive() if r.peer_id != self.peer_id and r.round == round_)
+        missed its groups. Peers publish just before they launch; one that launches after the median
+        of the other live peers (those not at this round yet count as launching now) shortens its
+        next round by that lag (its weight, the samples, shrinks with it)."""
+        now = time.time()
+        others = sorted(
+            r.time if r.round == round_ else now
+            for r in view.alive() if r.peer_id != self.peer_id and r.round in (round_, round_ - 1)
+        )
         if not others:
             return None
-        lag = time.time() - others[len(others) // 2]
+        lag = now - others[len(others) // 2]
         training = self.manifest.config.training
         step_seconds = seconds_per_sample * training.batch_size
         if lag <= step_seconds or step_seconds <= 0:

@@ -80,6 +80,12 @@ class PendingExchange:
     def done(self) -> bool:
         return self._result is not None or self._control.done()
 
+    def cancel(self) -> None:
+        """Abandon the exchange (its averager step stops holding matchmaking for the next one)."""
+        if self._result is None:
+            self._control.cancel()
+            self._result = ExchangeResult({}, "abandoned", time.monotonic() - self._started)
+
     def result(self) -> ExchangeResult:
         """Wait until the exchange ends or its deadline passes (then it is cancelled)."""
         if self._result is not None:
@@ -90,7 +96,7 @@ class PendingExchange:
             self._control.cancel()
             failure = "the exchange did not finish before its deadline"
             self._result = ExchangeResult({}, failure, time.monotonic() - self._started)
-        except Exception as error:  # any failed step means no payloads arrived: reported, not hidden
+        except (Exception, asyncio.CancelledError) as error:  # a failed step: no payloads, reported, not hidden
             self._result = ExchangeResult({}, f"{type(error).__name__}: {error}"[:200], time.monotonic() - self._started)
         else:
             self._result = _exchange_result(gathered, self._started)
@@ -164,40 +170,61 @@ class _PayloadGatheringAverager(_StateSharingAverager):
             self._offered.popitem(last=False)
         future.set_result(True)
 
-    async def _aggregate_with_group(self, group_info: GroupInfo, **kwargs) -> dict:
+    def _record(self, raw: bytes) -> object:
+        """A groupmate's gathered record, still untrusted (None if hivemind's framing is broken)."""
         try:
-            records = [self.serializer.loads(self.serializer.loads(raw)[2]) for raw in group_info.gathered]
-            own_index = group_info.peer_ids.index(self.peer_id)
-            round_ = records[own_index].get("round") if isinstance(records[own_index], dict) else None
-            payload = self._offered.get(round_)
-            if payload is None:
-                raise MatchmakingException(f"no payload offered for round {round_}")
-            self._groups[group_info.group_id] = (payload, frozenset(group_info.peer_ids))
-            while len(self._groups) > _KEPT_ROUNDS * 2:
-                self._groups.popitem(last=False)
-            others = [(i, p) for i, p in enumerate(group_info.peer_ids) if p != self.peer_id]
+            return self.serializer.loads(self.serializer.loads(raw)[2])
+        except Exception:  # a malformed record leaves out its sender only
+            return None
+
+    async def _aggregate_with_group(self, group_info: GroupInfo, **kwargs) -> dict:
+        # hivemind registers a future for its all-reduce runner; there is none here, and a caller
+        # of its all-reduce RPC must be told "no such group" at once rather than wait on it
+        running = self._running_groups.pop(group_info.group_id, None)
+        if running is not None:
+            running.cancel()
+        records = [self._record(raw) for raw in group_info.gathered]
+        own_index = group_info.peer_ids.index(self.peer_id)
+        own = records[own_index] if isinstance(records[own_index], dict) else {}
+        payload = self._offered.get(own.get("round"))
+        if payload is None:
+            raise MatchmakingException(f"no payload offered for round {own.get('round')}")
+        self._groups[group_info.group_id] = (payload, frozenset(group_info.peer_ids))
+        while len(self._groups) > _KEPT_ROUNDS * 2:
+            self._groups.popitem(last=False)
+        # a member of another round or codec would be rejected anyway: do not download it
+        wanted = {k: own.get(k) for k in ("round", "codec", "payload_size")}
+        others = [
+            (i, p) for i, p in enumerate(group_info.peer_ids)
+            if p != self.peer_id and isinstance(records[i], dict) and all(records[i].get(k) == v for k, v in wanted.items())
+        ]
+        try:
             fetched = await asyncio.gather(*(self._download(p, group_info.group_id) for _, p in others))
-        except MatchmakingException:
-            raise
         except Exception as error:  # hivemind retries or fails the step on this type only
             raise MatchmakingException(f"payload exchange failed: {error!r}") from None
-        payloads = {str(self.peer_id): (records[own_index], payload)}
+        payloads = {str(self.peer_id): (own, payload)}
         for (index, peer), body in zip(others, fetched, strict=True):
             if body is not None:
                 payloads[str(peer)] = (records[index], body)
-        return {"payloads": payloads, "missing": len(others) + 1 - len(payloads), "finished": time.monotonic()}
+        return {"payloads": payloads, "missing": len(others) + 1 - len(payloads), "finished": time.monotonic(),
+                "others": len(group_info.peer_ids) - 1 - len(others)}
 
     async def _download(self, peer: PeerID, group_id: bytes) -> bytes | None:
         """A groupmate's payload, or None if it failed or ran past the size limit."""
         request = averaging_pb2.AveragingData(group_id=group_id, peer_id=self.peer_id.to_bytes())
         received = bytearray()
-        try:
+
+        async def receive() -> None:
             stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
             async for message in await stub.rpc_download_payload(request):
-                received += message.metadata
+                received.extend(message.metadata)
                 if len(received) > self._payload_limit:
-                    return None
-        except Exception as error:  # a groupmate that fails is left out, and counted as missing
+                    raise MatchmakingException("payload larger than the manifest allows")
+
+        try:
+            # one stalled groupmate must not hold the others past the exchange's deadline
+            await asyncio.wait_for(receive(), timeout=0.8 * self._allreduce_timeout)
+        except Exception as error:  # a groupmate that fails or stalls is left out, and counted
             logger.debug("payload download from %s failed: %r", peer, error)
             return None
         return bytes(received) if received else None

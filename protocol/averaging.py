@@ -79,8 +79,11 @@ class GroupUpdate:
     """One line per groupmate left out, saying why."""
 
 
-def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int) -> tuple[GroupMember, torch.Tensor]:
+def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
+            max_weight: float) -> tuple[GroupMember, torch.Tensor]:
     member = GroupMember.from_wire(record)
+    if member.weight > max_weight:
+        raise MalformedRecord(f"peer {member.peer_id[:8]} claims weight {member.weight:g}, more than {max_weight:g}")
     if member.round != round:
         raise MalformedRecord(f"peer {member.peer_id[:8]} sent round {member.round}, not {round}")
     if member.codec != codec.name:
@@ -93,8 +96,12 @@ def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int) 
     return member, decode(payload, codec, numel)
 
 
-def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int) -> GroupUpdate:
+def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int,
+            max_weight: float) -> GroupUpdate:
     """The group's update from untrusted (record, payload) pairs; bad ones are left out, named.
+
+    ``max_weight`` bounds a member's claimed weight (the samples one round can hold), so no
+    member can outweigh the others by fiat.
 
     Raises ``MalformedRecord`` when no entry is usable.
     """
@@ -102,7 +109,7 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     rejected: list[str] = []
     for record, payload in entries:
         try:
-            member, decoded = _accept(record, payload, codec=codec, numel=numel, round=round)
+            member, decoded = _accept(record, payload, codec=codec, numel=numel, round=round, max_weight=max_weight)
         except MalformedRecord as error:
             rejected.append(str(error))
             continue
