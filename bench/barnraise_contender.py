@@ -232,6 +232,11 @@ def _summary(spec: TaskSpec, variant: Variant, workdir: Path, rounds: int, secon
     compute = sum(r["compute_seconds"] for r in flat) / spec.peers
     evals = workdir / "p0" / "evals.jsonl"
     curve = [json.loads(line) for line in evals.read_text().splitlines()] if evals.exists() else []
+    # the clock starts when training does (peer 0's first evaluation, once all peers were present),
+    # as the baselines' clocks start once every rank is ready
+    training_start = curve[0]["time"] if curve else wall_start
+    seconds -= training_start - wall_start  # joining (imports, DHT, waiting for the others) is not training
+    wall_start = training_start
     # the consensus of round b holds b rounds of H steps (b − 1 with overlap: its round 0 is empty)
     step_of = lambda b: max(0, b - int(variant.overlap)) * variant.inner_steps  # noqa: E731
     return {

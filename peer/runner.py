@@ -147,6 +147,8 @@ class PeerProcess:
         self._pace_after_load(start.state.round)
         self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at {start.source}")
         self._wait_for_peers(self.options.wait_for_peers)
+        if self.options.eval_every > 0:
+            self._evaluate()  # the curve's first point: where training starts, and when
 
     def _wait_for_peers(self, wanted: int) -> None:
         """Start a fresh run together: wait until ``wanted`` peers (this one included) are present

@@ -12,7 +12,7 @@ gradients, (c) Barnraise (the coordinator in the root namespace, at the bridge a
 The target is data-parallel's final held-out loss at the same rate times ``1 + --target-margin``
 (or ``--target``). Time to target is the first point of a contender's held-out curve at or below
 it (None if none is); each contender's clock is its own (see its module): data-parallel and
-hivemind start once every rank is ready, Barnraise when its peer processes are started. Also
+hivemind start once every rank is ready, Barnraise when its peers start training (all present). Also
 reported: total seconds, the fraction of them peers spent computing, and bytes per peer on the
 links. Prints a table and one JSON line ``{"bench": "slow_links", ...}``. Needs root.
 """
@@ -24,7 +24,6 @@ import json
 import signal
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -55,45 +54,9 @@ def _task(args: argparse.Namespace) -> TaskSpec:
     return TaskSpec(steps=args.steps, peers=args.peers, eval_windows=256, curve_points=args.curve_points)
 
 
-class _FirstSeen(threading.Thread):
-    """Notes the Unix time at which ``path`` first exists (polled every 0.1 s) until ``stop()``."""
-
-    def __init__(self, path: Path) -> None:
-        super().__init__(daemon=True)
-        self.path, self.seen_at, self._stop_event = path, None, threading.Event()
-
-    def run(self) -> None:
-        while self.seen_at is None and not self._stop_event.wait(0.1):
-            if self.path.exists():
-                self.seen_at = time.time()
-
-    def stop(self) -> float | None:
-        self._stop_event.set()
-        self.join(timeout=5.0)
-        return self.seen_at
-
-
-def _barnraise_curve(result: dict[str, Any], started: float | None) -> list[dict[str, Any]]:
-    """Barnraise's curve in seconds since its peers started (its points carry Unix times)."""
-    curve = result["curve"]
-    if started is None or not any(point["seconds"] > _EPOCH_SECONDS for point in curve):
-        return curve
-    return [{**point, "seconds": point["seconds"] - started} for point in curve]
-
-
 def _run_barnraise(spec: TaskSpec, variant: Variant, links: SlowLinks, workdir: Path, timeout_s: float) -> dict:
-    # run_barnraise starts the peers as soon as the coordinator's endpoint file appears (and the
-    # coordinator deletes it on exit): watching for it gives the Unix time its curve counts from.
-    watcher = _FirstSeen(workdir / "coord" / "endpoint.json")
-    (workdir / "coord" / "endpoint.json").unlink(missing_ok=True)
-    watcher.start()
-    try:
-        result = run_barnraise(spec, variant, workdir, launcher=links.launcher, host_ips=links.peer_ips,
-                               coordinator_ip=links.host_ip, timeout_s=timeout_s)  # fmt: skip
-    finally:
-        started = watcher.stop()
-    result["curve"] = _barnraise_curve(result, started)
-    return result
+    return run_barnraise(spec, variant, workdir, launcher=links.launcher, host_ips=links.peer_ips,
+                         coordinator_ip=links.host_ip, timeout_s=timeout_s)  # fmt: skip
 
 
 def _run(name: str, spec: TaskSpec, variant: Variant, links: SlowLinks, workdir: Path, timeout_s: float) -> dict:
