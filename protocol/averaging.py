@@ -3,10 +3,13 @@
 Every peer of a group ends the exchange holding every groupmate's compressed payload, so
 each one computes the group's update itself: records are decoded under the strict schema,
 each payload is checked against its record (codec, exact size, sha256) and the manifest
-(codec, vector length), decoded, and the weighted mean is accumulated in one canonical order
-(by Barnraise peer id). Groupmates that received the same payloads therefore hold bit-identical
-updates, and an update is by construction the mean of the decoded payloads that it names:
-there is no silent fallback to a peer's own values.
+(codec, vector length) and parsed (its content checked) without being decoded, and the
+weighted mean is accumulated in one canonical order (by Barnraise peer id) straight from the
+payloads into one float64 sum (``codecs.ParsedPayload.add_to``, then ``codecs.finish``): the
+same bits as ``codecs.aggregate`` over the decoded vectors, without building them. Groupmates
+that received the same payloads therefore hold bit-identical updates, and an update is by
+construction the mean of the decoded payloads that it names: there is no silent fallback to a
+peer's own values.
 """
 
 from __future__ import annotations
@@ -18,7 +21,7 @@ from typing import Any, ClassVar
 
 import torch
 
-from protocol.codecs import Codec, aggregate, decode, payload_size
+from protocol.codecs import Codec, ParsedPayload, finish, parse_payload, payload_size
 from protocol.errors import MalformedRecord
 from protocol.wire import PROTOCOL_VERSION, Field, check_fields, is_hex
 
@@ -80,7 +83,7 @@ class GroupUpdate:
 
 
 def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
-            max_weight: float) -> tuple[GroupMember, torch.Tensor]:
+            max_weight: float) -> tuple[GroupMember, ParsedPayload]:
     member = GroupMember.from_wire(record)
     if member.weight > max_weight:
         raise MalformedRecord(f"peer {member.peer_id[:8]} claims weight {member.weight:g}, more than {max_weight:g}")
@@ -93,7 +96,7 @@ def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
         raise MalformedRecord(f"peer {member.peer_id[:8]}: payload is not the {expected} bytes its codec gives")
     if hashlib.sha256(payload).hexdigest() != member.payload_sha256:
         raise MalformedRecord(f"peer {member.peer_id[:8]}: payload does not match its sha256")
-    return member, decode(payload, codec, numel)
+    return member, parse_payload(payload, codec, numel)
 
 
 def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int,
@@ -103,23 +106,32 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     ``max_weight`` bounds a member's claimed weight (the samples one round can hold), so no
     member can outweigh the others by fiat.
 
-    Raises ``MalformedRecord`` when no entry is usable.
+    First every entry is checked in full (record, payload bytes, payload content), in the order
+    given: a bad one is rejected, and of two usable entries for one peer id the later one is.
+    Only then are the accepted payloads summed, in ascending peer-id order, into one float64
+    vector that starts at zeros: ``sum += float64(decoded) * weight`` per payload, then
+    ``sum / (the weights added in the same order)``, rounded once to float32. That is exactly
+    ``aggregate`` over the decoded vectors in peer-id order; a rejected payload never touches
+    the sum. Raises ``MalformedRecord`` when no entry is usable.
     """
-    accepted: dict[str, tuple[GroupMember, torch.Tensor]] = {}
+    accepted: dict[str, tuple[GroupMember, ParsedPayload]] = {}
     rejected: list[str] = []
     for record, payload in entries:
         try:
-            member, decoded = _accept(record, payload, codec=codec, numel=numel, round=round, max_weight=max_weight)
+            member, parsed = _accept(record, payload, codec=codec, numel=numel, round=round, max_weight=max_weight)
         except MalformedRecord as error:
             rejected.append(str(error))
             continue
         if member.peer_id in accepted:
             rejected.append(f"peer {member.peer_id[:8]} appeared twice in the group")
             continue
-        accepted[member.peer_id] = (member, decoded)
+        accepted[member.peer_id] = (member, parsed)
     if not accepted:
         raise MalformedRecord("no groupmate's payload was usable: " + "; ".join(rejected[:3]))
     members = [accepted[key][0] for key in sorted(accepted)]
-    update = aggregate([accepted[m.peer_id][1] for m in members], [m.weight for m in members])
+    total = torch.zeros(numel, dtype=torch.float64)
+    for member in members:
+        accepted[member.peer_id][1].add_to(total, member.weight)
+    update = finish(total, sum(member.weight for member in members))
     return GroupUpdate(update, tuple(members), tuple(rejected))
 

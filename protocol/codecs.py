@@ -39,16 +39,21 @@ when s = 0) on L uniform levels over [-s, s]; it decodes as ``float32(2q / (L - 
 of the i-th value is bit ``i * width + j`` of the stream, stream bit n is bit ``n % 8`` of
 byte ``n // 8``, and the last byte is padded with zero bits (non-zero padding is rejected).
 
-``decode`` checks the type, length, magic, version, reserved byte, codec name, element count
-and exact size before it builds any tensor, then the content (finite non-negative scales;
-indices strictly increasing within a chunk and inside it; no inf/NaN half, no -128); any
-failure raises ``PayloadError``, a ``MalformedRecord``. ``encode`` refuses a tensor that is
-not a finite 1-D float32 CPU vector with ``InputError``. Both work through the vector in
-slices, so their memory stays within a few times the input.
+``parse_payload`` checks the type, length, magic, version, reserved byte, codec name, element
+count and exact size, then the content (finite non-negative scales; indices strictly increasing
+within a chunk and inside it; no inf/NaN half, no -128), all before it builds any vector-sized
+tensor; any failure raises ``PayloadError``, a ``MalformedRecord``. ``decode`` is
+``parse_payload`` then materializing the dense vector. ``encode`` refuses a tensor that is not
+a finite 1-D float32 CPU vector with ``InputError``. All work through the vector in slices, so
+their memory stays within a few times the input.
 
 ``compress_with_feedback`` adds what earlier rounds failed to send (the residual) before it
 encodes, and ``aggregate`` is the weighted mean every peer computes bit-identically: float64
-sums in the given order, cast to float32 once.
+sums in the given order, cast to float32 once. ``accumulate`` (or ``ParsedPayload.add_to``)
+then ``finish`` compute the same bits straight from payloads, into one float64 sum: each
+element gets the same float64 product ``float64(x) * w`` and addition, in the same order, but
+no dense float32 vector is built, and top-k adds only its kept entries (the others add +0.0,
+which changes nothing in a sum started from +0.0).
 """
 
 from __future__ import annotations
@@ -58,7 +63,7 @@ import re
 import struct
 from abc import ABC, abstractmethod
 from collections.abc import Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -78,6 +83,10 @@ __all__ = [
     "payload_size",
     "encode",
     "decode",
+    "ParsedPayload",
+    "parse_payload",
+    "accumulate",
+    "finish",
     "compress_with_feedback",
     "aggregate",
 ]
@@ -90,6 +99,9 @@ HEADER_SIZE = _HEADER.size
 
 _SLICE = 1 << 22
 """Elements handled at once: a multiple of every block and chunk; bounds the temporaries."""
+_SUM_SLICE = 1 << 18
+"""Elements per float64 temporary when adding into a sum or dividing it: a multiple of every
+block, small enough to stay in cache (and below malloc's mmap threshold)."""
 _SLACK = 2.0**-20
 """Relative float32 rounding allowed on top of a codec's quantization step."""
 _TINY = 2.0**-126
@@ -144,8 +156,18 @@ class Codec(ABC):
         """The body of a checked vector, as parts to concatenate."""
 
     @abstractmethod
-    def _decode_body(self, body: memoryview, numel: int) -> torch.Tensor:
-        """The vector in a body whose size is already checked; content checks raise PayloadError."""
+    def _parse_body(self, body: memoryview, numel: int) -> tuple:
+        """Checks the content of a body whose size is already checked (PayloadError) and returns
+        the parts that ``_materialize`` and ``_add_weighted`` read; builds nothing vector-sized."""
+
+    @abstractmethod
+    def _materialize(self, parts: tuple, numel: int) -> torch.Tensor:
+        """The float32 vector [numel] of a parsed body."""
+
+    @abstractmethod
+    def _add_weighted(self, parts: tuple, numel: int, out: torch.Tensor, weight: float) -> None:
+        """``out[i] += float64(x[i]) * weight`` for the elements ``x[i]`` of a parsed body; those
+        that decode as +0.0 may be skipped (adding +0.0 changes nothing but a -0.0 to +0.0)."""
 
     def payload_size(self, numel: int) -> int:
         """Exact payload bytes (header, name and body) for ``numel`` elements."""
@@ -156,8 +178,29 @@ class Codec(ABC):
         return self.name
 
 
+class _SlicedCodec(Codec):
+    """A codec whose body decodes slice by slice into dense float32 values."""
+
+    @abstractmethod
+    def _dense_slices(self, parts: tuple, numel: int, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        """(start, float32 values of elements start .. start + step - 1), slice after slice, in
+        order; ``step`` is a multiple of every block."""
+
+    def _materialize(self, parts: tuple, numel: int) -> torch.Tensor:
+        out = torch.empty(numel, dtype=torch.float32)
+        for start, values in self._dense_slices(parts, numel, _SLICE):
+            out[start : start + len(values)] = values
+        return out
+
+    def _add_weighted(self, parts: tuple, numel: int, out: torch.Tensor, weight: float) -> None:
+        for start, values in self._dense_slices(parts, numel, _SUM_SLICE):
+            product = values.double()
+            product *= weight  # the same float64 product as ``values.double() * weight``
+            out[start : start + len(values)] += product
+
+
 @dataclass(frozen=True)
-class Fp16Codec(Codec):
+class Fp16Codec(_SlicedCodec):
     """IEEE half precision of every element: 16 bits, relative error 2**-11."""
 
     @property
@@ -182,20 +225,22 @@ class Fp16Codec(Codec):
             raise InputError(f"codec 'fp16': element {where} ({float(x[where])}) is beyond the fp16 range (65504)")
         return [half.numpy().astype("<f2", copy=False)]
 
-    def _decode_body(self, body: memoryview, numel: int) -> torch.Tensor:
+    def _parse_body(self, body: memoryview, numel: int) -> tuple:
         raw = np.frombuffer(body, dtype="<i2", count=numel)
-        out = torch.empty(numel, dtype=torch.float32)
         for start in range(0, numel, _SLICE):
-            part = raw[start : start + _SLICE]
-            not_finite = (part & 0x7C00) == 0x7C00  # all-ones exponent: inf or NaN
+            not_finite = (raw[start : start + _SLICE] & 0x7C00) == 0x7C00  # all-ones exponent: inf or NaN
             if not_finite.any():
                 raise PayloadError(f"codec payload (fp16): element {start + int(not_finite.argmax())} is not finite")
-            out[start : start + len(part)] = torch.from_numpy(part.astype(np.int16)).view(torch.float16)
-        return out
+        return (raw,)
+
+    def _dense_slices(self, parts: tuple, numel: int, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        (raw,) = parts
+        for start in range(0, numel, step):
+            yield start, torch.from_numpy(raw[start : start + step].astype(np.int16)).view(torch.float16).float()
 
 
 @dataclass(frozen=True, kw_only=True)
-class Int8Codec(Codec):
+class Int8Codec(_SlicedCodec):
     """Blocks of ``block`` elements: a float32 scale ``max|x| / 127`` and one int8 per element."""
 
     block: int
@@ -239,20 +284,24 @@ class Int8Codec(Codec):
             values[start : start + len(part)] = quantized.view(-1)[: len(part)].numpy()
         return [scales, values]
 
-    def _decode_body(self, body: memoryview, numel: int) -> torch.Tensor:
+    def _parse_body(self, body: memoryview, numel: int) -> tuple:
         blocks = -(-numel // self.block)
         scales = torch.from_numpy(_read_scales(body, blocks, self.name, top_level=127.0))
         values = np.frombuffer(body, dtype=np.int8, count=numel, offset=4 * blocks)
-        out = torch.empty(numel, dtype=torch.float32)
         for start in range(0, numel, _SLICE):
             part = values[start : start + _SLICE]
             if (part == -128).any():
                 where = start + int((part == -128).argmax())
                 raise PayloadError(f"codec payload ({self.name}): value {where} is -128, outside -127..127")
+        return scales, values
+
+    def _dense_slices(self, parts: tuple, numel: int, step: int) -> Iterator[tuple[int, torch.Tensor]]:
+        scales, values = parts
+        for start in range(0, numel, step):
+            part = values[start : start + step]
             rows = _padded(torch.from_numpy(part.copy()), self.block).view(-1, self.block).float()
             rows *= scales[start // self.block : start // self.block + len(rows), None]
-            out[start : start + len(part)] = rows.view(-1)[: len(part)]
-        return out
+            yield start, rows.view(-1)[: len(part)]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -329,7 +378,7 @@ class TopKCodec(Codec):
             levels.append(_pack_bits(np.concatenate(part_levels), self.bits))
         return [np.concatenate(scales).astype("<f4", copy=False), *indices, *levels] if scales else []
 
-    def _decode_body(self, body: memoryview, numel: int) -> torch.Tensor:
+    def _parse_body(self, body: memoryview, numel: int) -> tuple:
         chunks, kept = self._layout(numel)
         scales = _read_scales(body, chunks, self.name)
         what = f"codec payload ({self.name})"
@@ -337,18 +386,40 @@ class TopKCodec(Codec):
         level_start = index_start + _packed_size(kept, self.index_bits)
         index_stream = _bit_stream(body[index_start:level_start], self.index_bits, kept, f"{what} index stream")
         level_stream = _bit_stream(body[level_start:], self.bits, kept, f"{what} level stream")
+        for first, count in self._kept_slices(numel):
+            index = _unpack_bits(index_stream, self.index_bits, first, count)
+            self._check_indices(index, (first + np.arange(count, dtype=np.int64)) // self.k, numel, what)
+        return scales, index_stream, level_stream
+
+    def _kept_slices(self, numel: int) -> Iterator[tuple[int, int]]:
+        """(entries kept before the slice, entries kept in it) for each slice of the vector."""
+        kept = self._layout(numel)[1]
+        for start in range(0, numel, _SLICE):
+            first = start // self.chunk * self.k
+            yield first, min(_SLICE // self.chunk * self.k, kept - first)
+
+    def _entries(self, parts: tuple, numel: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        """(positions in the vector, float32 values) of the kept entries, slice after slice."""
+        scales, index_stream, level_stream = parts
         steps = (1 << self.bits) - 1
         table = (2 * np.arange(steps + 1) / steps - 1).astype(np.float32)
-        out = torch.zeros(numel, dtype=torch.float32)  # written in order: cheaper than lazy pages
-        for start in range(0, numel, _SLICE):
-            first = start // self.chunk * self.k  # entries kept before this slice
-            count = min(_SLICE // self.chunk * self.k, kept - first)
+        for first, count in self._kept_slices(numel):
             index = _unpack_bits(index_stream, self.index_bits, first, count)
             level = _unpack_bits(level_stream, self.bits, first, count)
             chunk_of = (first + np.arange(count, dtype=np.int64)) // self.k
-            self._check_indices(index, chunk_of, numel, what)
-            out.numpy()[chunk_of * self.chunk + index] = table[level] * scales[chunk_of]
+            yield chunk_of * self.chunk + index, table[level] * scales[chunk_of]
+
+    def _materialize(self, parts: tuple, numel: int) -> torch.Tensor:
+        out = torch.zeros(numel, dtype=torch.float32)  # written in order: cheaper than lazy pages
+        for positions, values in self._entries(parts, numel):
+            out.numpy()[positions] = values
         return out
+
+    def _add_weighted(self, parts: tuple, numel: int, out: torch.Tensor, weight: float) -> None:
+        # Only the kept entries: every other element decodes as 0, and out[i] + 0.0 == out[i]
+        # (-0.0 aside). Positions are unique, so index_add_ is one float64 addition per entry.
+        for positions, values in self._entries(parts, numel):
+            out.index_add_(0, torch.from_numpy(positions), torch.from_numpy(values).double() * weight)
 
     def _check_indices(self, index: np.ndarray, chunk_of: np.ndarray, numel: int, what: str) -> None:
         """Indices strictly increase within each chunk and stay inside the (last, shorter) chunk."""
@@ -514,11 +585,62 @@ def _body(payload: object, codec: Codec, numel: int) -> memoryview:
     return memoryview(payload)[HEADER_SIZE + name_length :]
 
 
-def decode(payload: bytes, codec: Codec | str, numel: int) -> torch.Tensor:
-    """The float32 vector [numel] in a payload of ``codec``; anything malformed raises PayloadError."""
+@dataclass(frozen=True, eq=False)
+class ParsedPayload:
+    """A payload that ``parse_payload`` checked through: decoding or adding it cannot fail."""
+
+    codec: Codec
+    numel: int
+    _parts: tuple = field(repr=False)
+
+    def decode(self) -> torch.Tensor:
+        """The float32 vector [numel]."""
+        return self.codec._materialize(self._parts, self.numel)
+
+    def add_to(self, out: torch.Tensor, weight: float) -> None:
+        """``out += float64(decoded) * weight``, element by element, with no dense float32 copy.
+
+        ``out`` is a float64 CPU vector [numel]; each element gets the one product and the one
+        float64 addition that ``aggregate`` performs for it (top-k adds its kept entries only).
+        """
+        weight = _weight("accumulate: weight", weight)
+        _check_sum(out, self.numel, "accumulate")
+        self.codec._add_weighted(self._parts, self.numel, out, weight)
+
+
+def parse_payload(payload: bytes, codec: Codec | str, numel: int) -> ParsedPayload:
+    """Every check ``decode`` makes (framing, size, then content), without decoding: PayloadError
+    for anything malformed, raised before any vector-sized tensor is built."""
     codec = _as_codec(codec)
     numel = _check_count(numel, f"codec payload ({codec.name})")
-    return codec._decode_body(_body(payload, codec, numel), numel)
+    return ParsedPayload(codec, numel, codec._parse_body(_body(payload, codec, numel), numel))
+
+
+def decode(payload: bytes, codec: Codec | str, numel: int) -> torch.Tensor:
+    """The float32 vector [numel] in a payload of ``codec``; anything malformed raises PayloadError."""
+    return parse_payload(payload, codec, numel).decode()
+
+
+def accumulate(out: torch.Tensor, payload: bytes, codec: Codec | str, numel: int, weight: float) -> None:
+    """Add ``weight`` times the payload's vector into the float64 sum ``out`` [numel].
+
+    The payload is checked as ``decode`` checks it before ``out`` is touched: a PayloadError
+    leaves ``out`` as it was. Started from zeros, accumulating payloads in some order and then
+    ``finish`` gives the bits of ``aggregate`` over their decoded vectors in that order.
+    """
+    parse_payload(payload, codec, numel).add_to(out, weight)
+
+
+def finish(out: torch.Tensor, total_weight: float) -> torch.Tensor:
+    """The float32 weighted mean from a float64 sum: ``out / total_weight``, rounded once to
+    float32, exactly as ``aggregate`` divides. ``total_weight`` is the weights' sum, taken left
+    to right in the order they were accumulated."""
+    _check_sum(out, None, "finish")
+    total = _weight("finish: total weight", total_weight)
+    mean = torch.empty(out.numel(), dtype=torch.float32)
+    for start in range(0, out.numel(), _SUM_SLICE):
+        _store_mean(mean, start, out[start : start + _SUM_SLICE], total)
+    return mean
 
 
 def compress_with_feedback(
@@ -551,7 +673,7 @@ def aggregate(decoded: Sequence[torch.Tensor], weights: Sequence[float]) -> torc
     for i, vector in enumerate(vectors):
         if vector.shape != vectors[0].shape:
             raise InputError(f"aggregate: vector {i} has {vector.numel()} elements, vector 0 {vectors[0].numel()}")
-    factors = [_weight(i, weight) for i, weight in enumerate(weights)]
+    factors = [_weight(f"aggregate: weight {i}", weight) for i, weight in enumerate(weights)]
     total = sum(factors)  # left to right, like the vectors
     if not math.isfinite(total):
         raise InputError("aggregate: the weights add up to more than a float64 holds")
@@ -561,14 +683,30 @@ def aggregate(decoded: Sequence[torch.Tensor], weights: Sequence[float]) -> torc
         acc = torch.zeros(len(out[start:stop]), dtype=torch.float64)
         for vector, factor in zip(vectors, factors, strict=True):
             acc += vector[start:stop].double() * factor
-        out[start:stop] = acc / total
+        _store_mean(out, start, acc, total)
     return out
 
 
-def _weight(i: int, weight: object) -> float:
+def _store_mean(mean: torch.Tensor, start: int, acc: torch.Tensor, total: float) -> None:
+    """``mean[start:]`` = the float64 sums ``acc`` over ``total``, rounded to float32: the one
+    division both ``aggregate`` and ``finish`` use."""
+    mean[start : start + len(acc)] = acc / total
+
+
+def _check_sum(out: object, numel: int | None, what: str) -> None:
+    """``out`` is a float64 CPU vector (of ``numel`` elements, when given), or InputError."""
+    if not isinstance(out, torch.Tensor):
+        raise InputError(f"{what}: expected a torch.Tensor sum, got {type(out).__name__}")
+    if out.dtype != torch.float64 or out.dim() != 1 or out.device.type != "cpu":
+        raise InputError(f"{what}: expected a 1-D float64 CPU sum, got {out.dtype} {list(out.shape)} on {out.device}")
+    if numel is not None and out.numel() != numel:
+        raise InputError(f"{what}: the sum has {out.numel()} elements, the payload {numel}")
+
+
+def _weight(what: str, weight: object) -> float:
     """An averaging weight as a float64: a finite positive int or float (not a bool)."""
     if isinstance(weight, (int, float)) and not isinstance(weight, bool):
         value = float(weight) if not isinstance(weight, int) or weight.bit_length() <= 1023 else math.inf
         if 0 < value < math.inf:
             return value
-    raise InputError(f"aggregate: weight {i} is {weight!r}, not a finite positive number")
+    raise InputError(f"{what} is {weight!r}, not a finite positive number")

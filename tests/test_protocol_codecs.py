@@ -3,7 +3,9 @@
 Known-answer vectors pin each codec's payload bytes (checked in part by hand, and the bit
 streams by an independent packer); hypothesis checks that decoding stays within each codec's
 error bound, that ``payload_size`` is exact and that encoding is deterministic; every
-malformed payload raises ``PayloadError`` before any tensor is built.
+malformed payload raises ``PayloadError`` before any tensor is built. Summing payloads with
+``accumulate`` and ``finish`` (as ``averaging.combine`` does) gives the bits of ``aggregate``
+over the decoded vectors, and a payload that is refused leaves the sum untouched.
 
     pytest -q tests/test_protocol_codecs.py
 """
@@ -27,11 +29,14 @@ from protocol.codecs import (
     Int8Codec,
     PayloadError,
     TopKCodec,
+    accumulate,
     aggregate,
     compress_with_feedback,
     decode,
     encode,
+    finish,
     parse_codec,
+    parse_payload,
     payload_size,
 )
 from protocol.errors import ConfigError, InputError, MalformedRecord
@@ -541,3 +546,177 @@ def test_aggregate_of_one_vector_is_that_vector():
 def test_aggregate_rejects_bad_input(decoded, weights):
     with pytest.raises(InputError):
         aggregate(decoded, weights)
+
+
+# ---------------------------------------------------------------------------------------
+# Summing payloads: accumulate, finish, combine
+# ---------------------------------------------------------------------------------------
+
+
+def bits(x: torch.Tensor) -> torch.Tensor:
+    """The raw bits of a float32 vector: equal bits, sign of zero included."""
+    return x.view(torch.int32)
+
+
+def summed(payloads: list[bytes], codec, numel: int, weights: list[float]) -> torch.Tensor:
+    out = torch.zeros(numel, dtype=torch.float64)
+    for payload, weight in zip(payloads, weights, strict=True):
+        accumulate(out, payload, codec, numel, weight)
+    return finish(out, sum(weights))
+
+
+@st.composite
+def payload_groups(draw) -> tuple[Codec, int, list[bytes], list[float]]:
+    """1-4 payloads of one codec and size (often not a multiple of a block or chunk): random,
+    rounded or mostly zero vectors of any scale, with weights from tiny to huge."""
+    codec = draw(codecs_())
+    numel = draw(st.integers(0, 1500) | st.sampled_from([1, 63, 64, 65, 255, 256, 257, 4095, 4097]))
+    payloads = []
+    for _ in range(draw(st.integers(1, 4))):
+        generator = torch.Generator().manual_seed(draw(st.integers(0, 2**32)))
+        x = torch.randn(numel, generator=generator)
+        if draw(st.booleans()):
+            x = torch.round(x * 2) / 2
+        x[torch.rand(numel, generator=generator) < draw(st.sampled_from([0.0, 0.5, 0.99]))] = 0.0
+        scales = [1e-6, 1.0, 1e3] if isinstance(codec, Fp16Codec) else [1e-42, 1e-30, 1e-3, 1.0, 1e3, 1e30]
+        payloads.append(encode(codec, x * draw(st.sampled_from(scales))))
+    weight = st.floats(1e-3, 1e6) | st.integers(1, 10**6) | st.sampled_from([1.0, 3.0, 1e-300, 1e300])
+    return codec, numel, payloads, [draw(weight) for _ in payloads]
+
+
+@settings(max_examples=200, deadline=None)
+@given(group=payload_groups())
+def test_accumulate_then_finish_is_aggregate_bit_for_bit(group):
+    codec, numel, payloads, weights = group
+    expected = aggregate([decode(payload, codec, numel) for payload in payloads], weights)
+    result = summed(payloads, codec, numel, weights)
+    assert result.dtype == torch.float32 and result.shape == (numel,)
+    assert torch.equal(bits(result), bits(expected))
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8-b16", "int8-b128", "topk-c64-k5-q3", "topk-c128-k128-q8"])
+@pytest.mark.parametrize("numel", [1, 255, 256, 1023, 1025, 3000])
+def test_accumulate_matches_aggregate_across_slices(monkeypatch, name, numel):
+    generator = torch.Generator().manual_seed(numel)
+    payloads = [encode(name, torch.randn(numel, generator=generator) * 10.0**i) for i in range(-2, 2)]
+    weights = [1.0, 0.1, 7.0, 3.5]
+    expected = aggregate([decode(payload, name, numel) for payload in payloads], weights)
+    assert torch.equal(bits(summed(payloads, name, numel, weights)), bits(expected))
+    monkeypatch.setattr(codecs, "_SLICE", 1024)  # byte-aligned top-k slices, as above
+    monkeypatch.setattr(codecs, "_SUM_SLICE", 256)  # a multiple of the blocks here
+    assert torch.equal(bits(summed(payloads, name, numel, weights)), bits(expected))
+
+
+def test_accumulate_at_full_slice_sizes():
+    numel = 2 * codecs._SUM_SLICE + 4097  # three sums' slices; the last chunk and block short
+    generator = torch.Generator().manual_seed(2)
+    vectors = [torch.randn(numel, generator=generator) for _ in range(3)]
+    for name in ("fp16", "int8-b256", "topk-c4096-k64-q2"):
+        payloads = [encode(name, x) for x in vectors]
+        expected = aggregate([decode(payload, name, numel) for payload in payloads], [2.0, 5.0, 1.0])
+        assert torch.equal(bits(summed(payloads, name, numel, [2.0, 5.0, 1.0])), bits(expected))
+
+
+def late_faults(numel: int) -> dict[str, tuple[str, bytes]]:
+    """Payloads that are malformed only near their end: (codec name, payload) by fault."""
+    x = torch.randn(numel, generator=torch.Generator().manual_seed(9))
+    fp16 = bytearray(encode("fp16", x))
+    fp16[-4:-2] = (0x7C00).to_bytes(2, "little")
+    int8 = bytearray(encode("int8-b16", x))
+    int8[-3] = 0x80
+    name = "topk-c64-k4-q2"
+    full, rest = divmod(numel, 64)
+    scales, levels = [1.0] * (full + 1), [0, 1, 2, 3] * (full + 1)
+    return {
+        "fp16 inf": ("fp16", bytes(fp16)),
+        "int8 -128": ("int8-b16", bytes(int8)),
+        "top-k order": (name, topk_payload(name, numel, scales, [0, 1, 2, 3] * full + [0, 2, 1, 3], levels)),
+        "top-k range": (name, topk_payload(name, numel, scales, [0, 1, 2, 3] * full + [0, 1, 2, rest], levels)),
+    }
+
+
+@pytest.mark.parametrize("slices", [False, True])
+def test_a_payload_bad_near_its_end_leaves_the_sum_untouched(monkeypatch, slices):
+    if slices:  # the fault is in the last of several slices
+        monkeypatch.setattr(codecs, "_SLICE", 1024)
+        monkeypatch.setattr(codecs, "_SUM_SLICE", 256)
+    for what, (name, payload) in late_faults(3000).items():
+        out = torch.randn(3000, dtype=torch.float64)
+        before = out.clone()
+        with pytest.raises(PayloadError):
+            accumulate(out, payload, name, 3000, 2.0)
+        assert torch.equal(out.view(torch.int64), before.view(torch.int64)), what
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8-b32", "topk-c64-k4-q2"])
+def test_a_malformed_payload_leaves_the_sum_untouched(name):
+    for what, payload in mutations(name).items():
+        out = torch.ones(200, dtype=torch.float64)
+        with pytest.raises(PayloadError):
+            accumulate(out, payload, name, 200, 1.0)
+        assert torch.equal(out, torch.ones(200, dtype=torch.float64)), what
+
+
+@pytest.mark.parametrize(
+    ("out", "weight"),
+    [
+        (torch.zeros(200), 1.0),
+        (torch.zeros(201, dtype=torch.float64), 1.0),
+        (torch.zeros(2, 100, dtype=torch.float64), 1.0),
+        ([0.0] * 200, 1.0),
+        (torch.zeros(200, dtype=torch.float64), 0.0),
+        (torch.zeros(200, dtype=torch.float64), -1.0),
+        (torch.zeros(200, dtype=torch.float64), math.nan),
+        (torch.zeros(200, dtype=torch.float64), math.inf),
+        (torch.zeros(200, dtype=torch.float64), True),
+        (torch.zeros(200, dtype=torch.float64), 10**400),
+    ],
+)
+def test_accumulate_refuses_a_bad_sum_or_weight(out, weight):
+    with pytest.raises(InputError):
+        accumulate(out, sample_payload("int8-b32"), "int8-b32", 200, weight)
+    if isinstance(out, torch.Tensor):
+        assert not out.any()
+
+
+@pytest.mark.parametrize(
+    ("out", "total"),
+    [(torch.zeros(3), 1.0), (torch.zeros(3, dtype=torch.float64), 0.0), (torch.zeros(3, dtype=torch.float64), math.inf)],
+)
+def test_finish_refuses_a_bad_sum_or_total(out, total):
+    with pytest.raises(InputError):
+        finish(out, total)
+
+
+def test_parsed_payload_decodes_and_adds_like_the_functions():
+    parsed = parse_payload(sample_payload("topk-c64-k4-q2"), "topk-c64-k4-q2", 200)
+    assert torch.equal(parsed.decode(), decode(sample_payload("topk-c64-k4-q2"), "topk-c64-k4-q2", 200))
+    out = torch.zeros(200, dtype=torch.float64)
+    parsed.add_to(out, 3.0)
+    assert torch.equal(out, parsed.decode().double() * 3.0)
+
+
+def group_entry(peer: int, weight: float, payload: bytes, codec: Codec) -> tuple[dict, bytes]:
+    from protocol.averaging import GroupMember
+
+    member = GroupMember.for_payload(peer_id=f"{peer:016x}", round=3, weight=weight, codec=codec, payload=payload)
+    return member.to_wire(), payload
+
+
+@pytest.mark.parametrize(
+    ("name", "fault"), [("fp16", "fp16 inf"), ("int8-b16", "int8 -128"), ("topk-c64-k4-q2", "top-k range")]
+)
+def test_combine_is_aggregate_in_peer_id_order_and_leaves_bad_payloads_out(name, fault):
+    from protocol.averaging import combine
+
+    codec, numel = parse_codec(name), 3000
+    generator = torch.Generator().manual_seed(4)
+    payloads = [encode(codec, torch.randn(numel, generator=generator) * (i + 1)) for i in range(3)]
+    bad = late_faults(numel)[fault][1]  # its record's size and sha256 match: only its content is bad
+    entries = [group_entry(9, 2.0, payloads[0], codec), group_entry(2, 0.5, payloads[1], codec),
+               group_entry(5, 7.0, bad, codec), group_entry(4, 1.25, payloads[2], codec)]  # fmt: skip
+    group = combine(entries, codec=codec, numel=numel, round=3, max_weight=1e9)
+    assert [m.peer_id for m in group.members] == [f"{p:016x}" for p in (2, 4, 9)]
+    assert len(group.rejected) == 1 and f"codec payload ({name})" in group.rejected[0]
+    decoded = [decode(p, codec, numel) for p in (payloads[1], payloads[2], payloads[0])]
+    assert torch.equal(bits(group.update), bits(aggregate(decoded, [0.5, 1.25, 2.0])))
