@@ -67,8 +67,8 @@ def table(results: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
     """A Markdown table and the rows behind it (ratios and loss gaps to data-parallel)."""
     reference = next((r for r in results if r["contender"] == DP), None)
     rows, lines = [], [
-        "| contender | held-out loss | vs dp-fp32 | bytes per peer | dp-fp32 bytes / these | wall s | compute |",
-        "| --- | ---: | ---: | ---: | ---: | ---: | ---: |",
+        "| contender | held-out loss | vs dp-fp32 | tokens trained | bytes per peer | dp-fp32 bytes / these | wall s | compute |",
+        "| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |",
     ]
     for result in results:
         gap = result["heldout_loss"] / reference["heldout_loss"] - 1 if reference else None
@@ -79,6 +79,7 @@ def table(results: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             "loss_gap": gap,
             "equal_loss": gap is not None and gap <= LOSS_TOLERANCE,
             "bytes_per_peer": result["bytes_per_peer"],
+            "tokens": result.get("tokens"),
             "ratio_to_dp": ratio,
             "seconds": result["seconds"],
             "compute_fraction": result.get("compute_fraction"),
@@ -88,7 +89,8 @@ def table(results: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
         ratio_text = "—" if ratio is None else f"{ratio:,.0f}×"
         compute = row["compute_fraction"]
         lines.append(
-            f"| {row['contender']} | {row['heldout_loss']:.4f} | {gap_text} | {_size(row['bytes_per_peer'])} |"
+            f"| {row['contender']} | {row['heldout_loss']:.4f} | {gap_text} | {row['tokens'] or 0:,} |"
+            f" {_size(row['bytes_per_peer'])} |"
             f" {ratio_text} | {row['seconds']:.0f} | {'—' if compute is None else f'{compute:.0%}'} |"
         )
     return "\n".join(lines), rows
