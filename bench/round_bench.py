@@ -61,6 +61,7 @@ from protocol.codecs import compress_with_feedback, decode, parse_codec, payload
 from protocol.errors import BarnraiseError, ConfigError, DeadlineExceeded, VerificationError
 
 __all__ = [
+
     "FULL_NUMEL",
     "QUICK_NUMEL",
     "RoundSpec",
@@ -73,6 +74,9 @@ __all__ = [
     "run_round_bench",
     "main",
 ]
+
+_BASE_ROOT = "0" * 64
+"""Every rank averages against the same (notional) consensus: the bench has no model state."""
 
 FULL_NUMEL = 100_000_000
 QUICK_NUMEL = 5_000_000
@@ -454,7 +458,7 @@ class _BarnraisePeer:
         began = time.perf_counter()
         payload, self.residual = compress_with_feedback(self.codec, vector, self.residual)
         member = GroupMember.for_payload(peer_id=self.peer_id, round=round_, weight=1.0, codec=self.codec,
-                                         payload=payload)  # fmt: skip
+                                         payload=payload, base_root=_BASE_ROOT)  # fmt: skip
         encoded = time.perf_counter()
         del vector
         self.sync(f"barnraise-exchange{round_}")
@@ -465,7 +469,7 @@ class _BarnraisePeer:
             raise VerificationError(f"round {round_}: exchange got {len(result.payloads)} of {self.spec.peers} "
                                     f"payloads ({result.missing} missing): {result.failure}")  # fmt: skip
         group = combine(list(result.payloads.values()), codec=self.codec, numel=self.spec.numel, round=round_,
-                        max_weight=float("inf"))
+                        max_weight=float("inf"), base_root=_BASE_ROOT)
         done = time.perf_counter()
         averager_seconds = result.seconds
         del result

@@ -27,8 +27,8 @@ def _parser() -> OneLineParser:
     join.add_argument("--max-minutes", type=float, help="leave after this many minutes")
     join.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     join.add_argument("--threads", type=int, help="torch CPU threads")
-    join.add_argument("--eval-every", type=int, default=0, metavar="N",
-                      help="every N rounds, score the consensus model on the held-out split (logged to evals.jsonl)")
+    join.add_argument("--snapshot-every", type=int, default=0, metavar="N",
+                      help="every N rounds, write the consensus model to WORKDIR/snapshots/ (safetensors)")
     join.add_argument("--wait-for-peers", type=int, default=0, metavar="N",
                       help="before the first round, wait up to 3 minutes until N peers (this one included) are present")
     join.add_argument("--save-state", type=Path, metavar="FILE",
@@ -60,7 +60,7 @@ def _join(args: argparse.Namespace) -> int:
         max_minutes=args.max_minutes,
         device=args.device,
         threads=args.threads,
-        eval_every=args.eval_every,
+        snapshot_every=args.snapshot_every,
         wait_for_peers=args.wait_for_peers,
         save_state=args.save_state,
         on_line=lambda line: print(line, flush=True),

@@ -65,6 +65,8 @@ class RoundOutcome:
     """Of those, the seconds this peer sat idle waiting for them."""
     payload_bytes: int
     """Size of this peer's payload (what it uploads to each groupmate)."""
+    diverged: bool = False
+    """Most of the group held another consensus state than this peer: it must load theirs."""
 
     def to_log(self) -> dict:
         return asdict(self)
@@ -84,6 +86,8 @@ class Exchange:
     failure: str | None = None
     delta: torch.Tensor | None = None
     """This peer's own outer gradient of the round (its progress on top of the consensus)."""
+    base_root: str = ""
+    """Root of the consensus state this peer held at launch."""
 
 
 class OuterExchanger:
@@ -120,15 +124,18 @@ class OuterExchanger:
         """The zero-update exchange a peer holds after starting at a consensus state."""
         return Exchange(round_, None, torch.zeros(self.numel))
 
-    def launch(self, work: RoundWork, delta: torch.Tensor, *, skip: str | None = None) -> Exchange:
-        """Compress Δ (with the residual) and start its exchange; ``skip`` keeps it local."""
+    def launch(self, work: RoundWork, delta: torch.Tensor, *, base_root: str, skip: str | None = None) -> Exchange:
+        """Compress Δ (with the residual) and start its exchange; ``skip`` keeps it local.
+        ``base_root`` is the root of the consensus state this peer holds (its θ_r)."""
         payload, self.residual = compress_with_feedback(self.codec, delta, self.residual)
         self._save_residual(work.round)
         own = decode(payload, self.codec, self.numel)
-        exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip, delta=delta)
+        exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip, delta=delta,
+                            base_root=base_root)
         if skip is None:
             member = GroupMember.for_payload(
-                peer_id=self.peer_id, round=work.round, weight=float(work.samples), codec=self.codec, payload=payload
+                peer_id=self.peer_id, round=work.round, weight=float(work.samples), codec=self.codec, payload=payload,
+                base_root=base_root,
             )
             try:
                 exchange.pending = self.node.start_exchange(
@@ -141,6 +148,7 @@ class OuterExchanger:
     def resolve(self, exchange: Exchange) -> tuple[torch.Tensor, RoundOutcome | None]:
         """(the update to apply, the round's outcome); waits for the exchange (bounded)."""
         update, group_size, failure, seconds, waited = exchange.own, 1, exchange.failure, 0.0, 0.0
+        diverged = False
         if exchange.pending is not None:
             started = time.monotonic()
             result = exchange.pending.result()
@@ -149,7 +157,7 @@ class OuterExchanger:
                 # groupmates that got every payload would average a different set: stay out
                 failure = f"{result.missing} groupmate payload(s) did not arrive"
             if failure is None:
-                update, group_size, failure = self._combine(exchange, result.payloads.values())
+                update, group_size, failure, diverged = self._combine(exchange, result.payloads.values())
         work = exchange.work
         if work is None:
             return update, None
@@ -166,18 +174,24 @@ class OuterExchanger:
             network_seconds=seconds,
             wait_seconds=waited,
             payload_bytes=exchange.payload_bytes,
+            diverged=diverged,
         )
 
-    def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None]:
+    def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None, bool]:
+        """(update, group size, failure, diverged): a peer whose consensus is in the group's
+        minority (a tie goes to the smaller root) stays out and must load the others' state."""
         try:
             group = combine(list(entries), codec=self.codec, numel=self.numel, round=exchange.round,
-                            max_weight=self.max_weight)
+                            max_weight=self.max_weight, base_root=exchange.base_root)
         except InputError as error:  # MalformedRecord, or weights that do not sum to a finite number
-            return exchange.own, 1, str(error)
-        if len(group.members) < 2 or self.peer_id not in {m.peer_id for m in group.members}:
+            return exchange.own, 1, str(error), False
+        others, ours = len(group.other_bases), len(group.members)
+        if others > ours or (others == ours and min(group.other_bases) < exchange.base_root):
+            return exchange.own, 1, f"{others} of the group hold another consensus state than this peer", True
+        if ours < 2 or self.peer_id not in {m.peer_id for m in group.members}:
             why = "; ".join(group.rejected[:2]) or "no groupmate's payload arrived"
-            return exchange.own, 1, f"no usable groupmate ({why})"
-        return group.update, len(group.members), None
+            return exchange.own, 1, f"no usable groupmate ({why})", False
+        return group.update, ours, None, False
 
 
 def _safetensors_metadata(raw: bytes) -> dict[str, str]:

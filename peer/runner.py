@@ -22,9 +22,8 @@ import torch
 from safetensors.torch import save as save_safetensors
 
 from peer.coordinator_client import CoordinatorClient
-from peer.data import heldout_windows, load_corpus
+from peer.data import load_corpus
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_peer
-from peer.model import build_model, heldout_loss
 from peer.progress import MANIFEST_KEY, PROGRESS_TTL, SwarmView, progress_key, read_progress
 from peer.rounds import Exchange, OuterExchanger, RoundOutcome, RoundWork
 from peer.swarm import SwarmNode
@@ -59,8 +58,8 @@ class PeerOptions:
     max_minutes: float | None = None
     device: str = "cpu"
     threads: int | None = None
-    eval_every: int = 0
-    """Score the consensus model on the held-out split every N rounds (0: never)."""
+    snapshot_every: int = 0
+    """Write the consensus parameters to ``snapshots/`` every N rounds (0: never)."""
     wait_for_peers: int = 0
     """Before the first round, wait (up to ``_GATHER_WAIT`` s) until this many peers are present."""
     save_state: Path | None = None
@@ -119,12 +118,10 @@ class PeerProcess:
         """Overlap: inner steps of the next round when this peer launched late (None: all H)."""
         self.stop = _StopFlag()
         self.log_path = options.workdir / "rounds.jsonl"
-        self._eval_model = None
         self.manifest_stored = -float("inf")
         self.published_root = ""
         self.view: SwarmView | None = None
         """The swarm as read just before this peer's latest launch (one DHT read per round)."""
-        self._eval_windows = None
 
     def say(self, text: str) -> None:
         self.options.on_line(f"[peer {self.peer_id[:8]}] {text}")
@@ -147,8 +144,8 @@ class PeerProcess:
         self._pace_after_load(start.state.round)
         self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at {start.source}")
         self._wait_for_peers(self.options.wait_for_peers)
-        if self.options.eval_every > 0:
-            self._evaluate()  # the curve's first point: where training starts, and when
+        if self.options.snapshot_every > 0:
+            self._snapshot()  # the first point of a curve: where training starts, and when
 
     def _wait_for_peers(self, wanted: int) -> None:
         """Start a fresh run together: wait until ``wanted`` peers (this one included) are present
@@ -286,32 +283,27 @@ class PeerProcess:
         update, outcome = self.exchanger.resolve(exchange)
         self.trainer.apply_outer(update)
         self._publish()
-        if self.options.eval_every > 0 and self.trainer.state.round % self.options.eval_every == 0:
-            self._evaluate()
+        if self.options.snapshot_every > 0 and self.trainer.state.round % self.options.snapshot_every == 0:
+            self._snapshot()
         if outcome is None:
             return
         if outcome.averaged:  # a local round's work is not in the swarm's model: no credit
             self.samples += outcome.samples
+        if outcome.diverged:
+            self.drifted = True  # load the majority's state at the next boundary
         write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
         self.last = outcome
         self._report(outcome, self.view or read_progress(self.node, self.run_id))
 
-    def _evaluate(self) -> None:
-        """Held-out loss of the consensus θ (not of this peer's own start point), to evals.jsonl."""
-        if self._eval_model is None:
-            self._eval_model = build_model(self.manifest.config.model)
-            self._eval_windows = heldout_windows(self.corpus, self.manifest.config.data)
-        with torch.no_grad():
-            for name, tensor in self.trainer.layout.views(self.trainer.state.parameters).items():
-                self._eval_model.get_parameter(name).copy_(tensor)
-        loss = heldout_loss(self._eval_model, self._eval_windows)
-        line = {"round": self.trainer.state.round, "time": time.time(), "heldout_loss": loss, "samples": self.samples}
-        with (self.options.workdir / "evals.jsonl").open("a") as log:
-            log.write(json.dumps(line) + "\n")
+    def _snapshot(self) -> None:
+        """The consensus θ (not this peer's own start point) to snapshots/rNNNNNN.safetensors, with
+        the time, for scoring elsewhere: no evaluation on the training path."""
+        self._save_state(self.options.workdir / "snapshots" / f"r{self.trainer.state.round:06d}.safetensors")
 
     def _save_state(self, path: Path) -> None:
         tensors = {n: t.contiguous() for n, t in self.trainer.layout.views(self.trainer.state.parameters).items()}
-        metadata = {"run_id": self.run_id, "round": str(self.trainer.state.round)}
+        metadata = {"run_id": self.run_id, "round": str(self.trainer.state.round), "time": repr(time.time()),
+                    "samples": str(self.samples)}
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, save_safetensors(tensors, metadata))
 
@@ -330,7 +322,7 @@ class PeerProcess:
         skip = f"behind the swarm (round {round_}, swarm at {ahead}): not averaging a stale update" if ahead > round_ else None
         if self.overlap:
             self.next_steps = self._steps_to_keep_pace(view, round_, inner.seconds / max(1, inner.samples))
-        exchange = self.exchanger.launch(work, delta, skip=skip)
+        exchange = self.exchanger.launch(work, delta, base_root=self.published_root, skip=skip)
         if self.overlap:
             self.exchange = exchange
             self.trainer.rebase(delta)

@@ -286,7 +286,8 @@ class SwarmNode:
                 target_group_size=averaging.target_group_size,
                 min_group_size=averaging.min_group_size,
                 min_matchmaking_time=averaging.matchmaking_seconds,
-                request_timeout=min(3.0, averaging.matchmaking_seconds),
+                # below the matchmaking time, as hivemind advises (equal ones can split a group)
+                request_timeout=min(3.0, averaging.matchmaking_seconds / 2),
                 allreduce_timeout=averaging.round_deadline_seconds,
                 state_compression=NoCompression(),
                 allow_state_sharing=state_source is not None,

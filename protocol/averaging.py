@@ -42,6 +42,7 @@ class GroupMember:
         Field("codec", str, lambda v: 0 < len(v) <= _MAX_CODEC_NAME),
         Field("payload_size", int, lambda v: v > 0),
         Field("payload_sha256", str, lambda v: is_hex(v, 64)),
+        Field("base_root", str, lambda v: is_hex(v, 64)),
     )
 
     version: int = PROTOCOL_VERSION
@@ -53,12 +54,16 @@ class GroupMember:
     codec: str
     payload_size: int
     payload_sha256: str
+    base_root: str
+    """Canonical root of the consensus state the peer held when it launched (its θ_r): updates
+    computed against different consensus states must not be averaged."""
 
     @classmethod
-    def for_payload(cls, *, peer_id: str, round: int, weight: float, codec: Codec, payload: bytes) -> GroupMember:
+    def for_payload(cls, *, peer_id: str, round: int, weight: float, codec: Codec, payload: bytes,
+                    base_root: str) -> GroupMember:
         digest = hashlib.sha256(payload).hexdigest()
         return cls(peer_id=peer_id, round=round, weight=weight, codec=codec.name, payload_size=len(payload),
-                   payload_sha256=digest)
+                   payload_sha256=digest, base_root=base_root)
 
     def to_wire(self) -> dict[str, Any]:
         return {f.name: getattr(self, f.name) for f in self.FIELDS}
@@ -80,6 +85,8 @@ class GroupUpdate:
     """Accepted members, in the canonical order they were summed in."""
     rejected: tuple[str, ...]
     """One line per groupmate left out, saying why."""
+    other_bases: tuple[str, ...] = ()
+    """The consensus roots of valid members left out for holding another consensus than ours."""
 
 
 def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
@@ -100,11 +107,12 @@ def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
 
 
 def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int,
-            max_weight: float) -> GroupUpdate:
+            max_weight: float, base_root: str) -> GroupUpdate:
     """The group's update from untrusted (record, payload) pairs; bad ones are left out, named.
 
     ``max_weight`` bounds a member's claimed weight (the samples one round can hold), so no
-    member can outweigh the others by fiat.
+    member can outweigh the others by fiat. Members whose ``base_root`` is not ours computed
+    their update against another consensus: they are left out and counted in ``other_bases``.
 
     First every entry is checked in full (record, payload bytes, payload content), in the order
     given: a bad one is rejected, and of two usable entries for one peer id the later one is.
@@ -116,6 +124,7 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     """
     accepted: dict[str, tuple[GroupMember, ParsedPayload]] = {}
     rejected: list[str] = []
+    other_bases: list[str] = []
     for record, payload in entries:
         try:
             member, parsed = _accept(record, payload, codec=codec, numel=numel, round=round, max_weight=max_weight)
@@ -125,6 +134,10 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
         if member.peer_id in accepted:
             rejected.append(f"peer {member.peer_id[:8]} appeared twice in the group")
             continue
+        if member.base_root != base_root:
+            rejected.append(f"peer {member.peer_id[:8]} holds another consensus (root {member.base_root[:16]})")
+            other_bases.append(member.base_root)
+            continue
         accepted[member.peer_id] = (member, parsed)
     if not accepted:
         raise MalformedRecord("no groupmate's payload was usable: " + "; ".join(rejected[:3]))
@@ -133,5 +146,5 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     for member in members:
         accepted[member.peer_id][1].add_to(total, member.weight)
     update = finish(total, sum(member.weight for member in members))
-    return GroupUpdate(update, tuple(members), tuple(rejected))
+    return GroupUpdate(update, tuple(members), tuple(rejected), tuple(other_bases))
 

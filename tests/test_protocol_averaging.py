@@ -16,6 +16,7 @@ CODEC = parse_codec("topk-c64-k8-q2")
 NUMEL = 300
 ROUND = 5
 MAX_WEIGHT = 1000.0
+BASE = "ab" * 32
 
 
 def _entries(count: int = 3, seed: int = 0) -> list[tuple[dict, bytes]]:
@@ -24,13 +25,13 @@ def _entries(count: int = 3, seed: int = 0) -> list[tuple[dict, bytes]]:
     for index in range(count):
         payload = encode(CODEC, torch.randn(NUMEL, generator=generator) * (index + 1))
         member = GroupMember.for_payload(peer_id=f"{index:016x}", round=ROUND, weight=16.0 * (index + 1),
-                                         codec=CODEC, payload=payload)
+                                         codec=CODEC, payload=payload, base_root=BASE)
         entries.append((member.to_wire(), payload))
     return entries
 
 
 def _combine(entries):
-    return combine(entries, codec=CODEC, numel=NUMEL, round=ROUND, max_weight=MAX_WEIGHT)
+    return combine(entries, codec=CODEC, numel=NUMEL, round=ROUND, max_weight=MAX_WEIGHT, base_root=BASE)
 
 
 def test_the_update_is_the_weighted_mean_of_the_decoded_payloads_in_peer_id_order():
@@ -87,7 +88,7 @@ def test_a_payload_that_fails_decoding_is_left_out():
     first_scale = HEADER_SIZE + len(CODEC.name)
     broken[first_scale : first_scale + 4] = struct.pack("<f", float("nan"))  # a NaN chunk scale
     forged = GroupMember.for_payload(peer_id=record["peer_id"], round=ROUND, weight=record["weight"], codec=CODEC,
-                                     payload=bytes(broken))
+                                     payload=bytes(broken), base_root=BASE)
     entries[2] = (forged.to_wire(), bytes(broken))
     group = _combine(entries)
     assert "0000000000000002" not in {m.peer_id for m in group.members}
@@ -103,3 +104,10 @@ def test_a_duplicate_peer_id_counts_once():
 def test_no_usable_member_is_an_error():
     with pytest.raises(MalformedRecord, match="no groupmate's payload was usable"):
         _combine([({"round": 1}, b"x")])
+
+
+def test_a_member_of_another_consensus_is_left_out_and_counted():
+    entries = _tampered(2, base_root="cd" * 32)
+    group = _combine(entries)
+    assert [m.peer_id for m in group.members] == ["0000000000000000", "0000000000000001"]
+    assert group.other_bases == ("cd" * 32,) and "holds another consensus" in group.rejected[0]

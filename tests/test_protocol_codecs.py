@@ -699,7 +699,8 @@ def test_parsed_payload_decodes_and_adds_like_the_functions():
 def group_entry(peer: int, weight: float, payload: bytes, codec: Codec) -> tuple[dict, bytes]:
     from protocol.averaging import GroupMember
 
-    member = GroupMember.for_payload(peer_id=f"{peer:016x}", round=3, weight=weight, codec=codec, payload=payload)
+    member = GroupMember.for_payload(peer_id=f"{peer:016x}", round=3, weight=weight, codec=codec, payload=payload,
+                                     base_root="ab" * 32)
     return member.to_wire(), payload
 
 
@@ -715,7 +716,7 @@ def test_combine_is_aggregate_in_peer_id_order_and_leaves_bad_payloads_out(name,
     bad = late_faults(numel)[fault][1]  # its record's size and sha256 match: only its content is bad
     entries = [group_entry(9, 2.0, payloads[0], codec), group_entry(2, 0.5, payloads[1], codec),
                group_entry(5, 7.0, bad, codec), group_entry(4, 1.25, payloads[2], codec)]  # fmt: skip
-    group = combine(entries, codec=codec, numel=numel, round=3, max_weight=1e9)
+    group = combine(entries, codec=codec, numel=numel, round=3, max_weight=1e9, base_root="ab" * 32)
     assert [m.peer_id for m in group.members] == [f"{p:016x}" for p in (2, 4, 9)]
     assert len(group.rejected) == 1 and f"codec payload ({name})" in group.rejected[0]
     decoded = [decode(p, codec, numel) for p in (payloads[1], payloads[2], payloads[0])]

@@ -83,7 +83,7 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path)
             deltas = [torch.randn(VECTOR_SIZE, generator=generator) * (i + 1) for i in range(EXCHANGE_PEERS)]
             works = [RoundWork(round_, 1.0, 16 * (i + 1), 0.1) for i in range(EXCHANGE_PEERS)]
             residuals_before = [e.residual.clone() for e in exchangers]
-            exchanges = [e.launch(w, d) for e, w, d in zip(exchangers, works, deltas, strict=True)]
+            exchanges = [e.launch(w, d, base_root="ab" * 32) for e, w, d in zip(exchangers, works, deltas, strict=True)]
             results = [e.resolve(x) for e, x in zip(exchangers, exchanges, strict=True)]
 
             # What each peer sent, recomputed independently: codec(Δ + residual) and its decoding.
