@@ -45,7 +45,7 @@ class Variant:
     name: str
     inner_steps: int
     codec: str
-    overlap: bool = True
+    overlap: bool = False
     outer_lr: float = 0.7
     outer_momentum: float = 0.9
     matchmaking_seconds: float = 5.0

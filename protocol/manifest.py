@@ -91,7 +91,7 @@ class DataSpec:
 class TrainingConfig:
     """Inner (local AdamW) and outer (averaged Nesterov SGD) optimisation."""
 
-    inner_steps: int = 20
+    inner_steps: int = 50
     """H: local AdamW steps between two averaging rounds."""
     batch_size: int = 16
     """Windows per inner step on each peer."""
@@ -128,9 +128,10 @@ class AveragingConfig:
     codec: str = "topk-c4096-k64-q2"
     """Wire codec of each peer's outer gradient (``protocol.codecs``): ``fp16``, ``int8-b<B>``
     or ``topk-c<C>-k<K>-q<Q>``; what the codec drops is carried to the next round (error feedback)."""
-    overlap: bool = True
+    overlap: bool = False
     """Start the next round's inner steps while this round's exchange is in flight and apply its
-    update one round late; False waits for each exchange before the next round."""
+    update one round late; False (the default, see docs/benchmarks.md) waits for each exchange
+    before the next round, which keeps peers of uneven speed in step."""
     target_group_size: int = 4
     """Largest group one averaging round forms."""
     min_group_size: int = 2

@@ -33,20 +33,19 @@ _ISOLATED = "BARNRAISE_BENCH_PRIVATE_NET"
 
 
 def _variant(text: str) -> Variant:
-    """``NAME:H:CODEC[:sync]``, e.g. ``h50-topk:50:topk-c4096-k64-q2``."""
+    """``NAME:H:CODEC[:overlap]``, e.g. ``h50-topk:50:topk-c4096-k64-q2`` (synchronous rounds unless
+    ``:overlap``)."""
     parts = text.split(":")
-    if len(parts) not in (3, 4) or not parts[1].isdigit() or (len(parts) == 4 and parts[3] != "sync"):
-        raise argparse.ArgumentTypeError(f"variant {text!r} is not NAME:H:CODEC[:sync]")
-    return Variant(name=parts[0], inner_steps=int(parts[1]), codec=parts[2], overlap=len(parts) == 3)
+    if len(parts) not in (3, 4) or not parts[1].isdigit() or (len(parts) == 4 and parts[3] != "overlap"):
+        raise argparse.ArgumentTypeError(f"variant {text!r} is not NAME:H:CODEC[:overlap]")
+    return Variant(name=parts[0], inner_steps=int(parts[1]), codec=parts[2], overlap=len(parts) == 4)
 
 
 FULL_VARIANTS = [
     "h50-topk64:50:topk-c4096-k64-q2",
     "h25-topk64:25:topk-c4096-k64-q2",
     "h100-topk64:100:topk-c4096-k64-q2",
-    "h50-topk64-sync:50:topk-c4096-k64-q2:sync",
-    "h50-topk16:50:topk-c4096-k16-q2",
-    "h50-topk256q4:50:topk-c4096-k256-q4",
+    "h50-topk64-overlap:50:topk-c4096-k64-q2:overlap",
     "h50-int8:50:int8-b256",
 ]
 QUICK_VARIANTS = ["h10-topk64:10:topk-c4096-k64-q2"]
@@ -57,7 +56,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
     parser.add_argument("--steps", type=int, help="global steps (default 600; 20 with --quick)")
     parser.add_argument("--variant", dest="variants", type=_variant, action="append",
-                        help="a Barnraise variant NAME:H:CODEC[:sync] (repeatable; default: the documented set)")
+                        help="a Barnraise variant NAME:H:CODEC[:overlap] (repeatable; default: the documented set)")
     parser.add_argument("--baselines", nargs="*", default=[DP, HIVEMIND], choices=[DP, HIVEMIND])
     parser.add_argument("--out", type=Path, help="also write the JSON line here")
     parser.add_argument("--workdir", type=Path, help="keep every run's logs here (default: a temporary folder)")
