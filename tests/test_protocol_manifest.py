@@ -62,7 +62,7 @@ ALTERNATIVE = {
     },
     "averaging": {
         "codec": "int8-b256",
-        "overlap": False,
+        "overlap": True,
         "target_group_size": 8,
         "min_group_size": 3,
         "matchmaking_seconds": 5.0,
@@ -104,7 +104,7 @@ def test_minimal_toml_gives_the_documented_defaults():
     )
     assert config.data == DataSpec(corpus="python-stdlib", seq_len=128, heldout_percent=5, eval_windows=64, seed=0)
     assert config.training == TrainingConfig(
-        inner_steps=20,
+        inner_steps=50,
         batch_size=16,
         inner_lr=3e-3,
         inner_weight_decay=0.01,
@@ -115,7 +115,7 @@ def test_minimal_toml_gives_the_documented_defaults():
         nesterov=True,
     )
     assert config.averaging == AveragingConfig(
-        codec=AveragingConfig().codec, overlap=True, target_group_size=4, min_group_size=2, matchmaking_seconds=3.0,
+        codec="topk-c4096-k64-q2", overlap=False, target_group_size=4, min_group_size=2, matchmaking_seconds=3.0,
         round_deadline_seconds=30.0
     )
     assert config.checkpoints == CheckpointConfig(every_rounds=5)
@@ -258,8 +258,8 @@ def test_config_errors_are_input_errors():
 # Manifest: wire form, run id, signature
 # ---------------------------------------------------------------------------------------
 
-RUN_ID_KAT = "900430ffd13f4d6e"
-SIGNATURE_KAT = "bf3f6c18c3ff0b732a77d967711b3d03d561ae3e4cc2ef476302dc84b616b6e30a7b6e58340cbf5d490b647411e52cd3b148ff0048ba510d0af14f845f61c006"
+RUN_ID_KAT = "1fb41634996c07da"
+SIGNATURE_KAT = "dbcad5e38d9eba49dfddcde90f7b8bec0a6af4bcfa30727aa42c9e4ed9d04d96c91a2219ddc8beb6d83d3a8dc2839c1b404c508fe21afd52aa03bda51b43b70d"
 
 
 def test_manifest_known_answers():
