@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import threading
@@ -26,6 +25,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from coordinator.children import group_alive, kill_group
 from protocol.errors import BarnraiseError, DeadlineExceeded
 
 __all__ = [
@@ -62,23 +62,6 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
     env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", PYTHONUNBUFFERED="1", PYTHONPATH=path)
     env.update(extra or {})
     return env
-
-
-def _group_alive(pgid: int) -> bool:
-    try:
-        os.killpg(pgid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # it exists; it is just not ours to signal
-        return True
-    return True
-
-
-def _kill_group(pgid: int) -> None:
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
 
 
 def _log_tail(path: Path, lines: int = 5) -> str:
@@ -118,11 +101,11 @@ def _reap(processes: list[subprocess.Popen[bytes]]) -> int:
     grace = time.monotonic() + _REAP_SECONDS
     for process in processes:
         # A rank that exited cleanly may leave hivemind's daemons a moment to exit by themselves.
-        while process.poll() is not None and _group_alive(process.pid) and time.monotonic() < grace:
+        while process.poll() is not None and group_alive(process.pid) and time.monotonic() < grace:
             time.sleep(_POLL_SECONDS)
-        if _group_alive(process.pid):
+        if group_alive(process.pid):
             leftovers += 1
-            _kill_group(process.pid)
+            kill_group(process.pid)
         try:
             process.wait(timeout=_REAP_SECONDS)
         except subprocess.TimeoutExpired:
