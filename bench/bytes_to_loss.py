@@ -77,7 +77,7 @@ def table(results: list[dict[str, Any]]) -> tuple[str, list[dict[str, Any]]]:
             "contender": result["contender"],
             "heldout_loss": result["heldout_loss"],
             "loss_gap": gap,
-            "equal_loss": gap is not None and gap <= LOSS_TOLERANCE,
+            "equal_loss": gap is not None and gap <= LOSS_TOLERANCE + 1e-9,  # "within 2%" includes 2%
             "bytes_per_peer": result["bytes_per_peer"],
             "tokens": result.get("tokens"),
             "ratio_to_dp": ratio,
