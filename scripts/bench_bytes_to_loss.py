@@ -33,12 +33,24 @@ _ISOLATED = "BARNRAISE_BENCH_PRIVATE_NET"
 
 
 def _variant(text: str) -> Variant:
-    """``NAME:H:CODEC[:overlap]``, e.g. ``h50-topk:50:topk-c4096-k64-q2`` (synchronous rounds unless
-    ``:overlap``)."""
+    """``NAME:H:CODEC[:overlap][:lr=X][:mom=Y]``, e.g. ``h50-topk:50:topk-c4096-k64-q2`` (synchronous
+    rounds unless ``:overlap``; the outer learning rate and momentum default to the manifest's)."""
     parts = text.split(":")
-    if len(parts) not in (3, 4) or not parts[1].isdigit() or (len(parts) == 4 and parts[3] != "overlap"):
-        raise argparse.ArgumentTypeError(f"variant {text!r} is not NAME:H:CODEC[:overlap]")
-    return Variant(name=parts[0], inner_steps=int(parts[1]), codec=parts[2], overlap=len(parts) == 4)
+    if len(parts) < 3 or not parts[1].isdigit():
+        raise argparse.ArgumentTypeError(f"variant {text!r} is not NAME:H:CODEC[:overlap][:lr=X][:mom=Y]")
+    options: dict = {"overlap": False}
+    for extra in parts[3:]:
+        key, _, value = extra.partition("=")
+        try:
+            if key == "overlap" and not value:
+                options["overlap"] = True
+            elif key in ("lr", "mom"):
+                options["outer_lr" if key == "lr" else "outer_momentum"] = float(value)
+            else:
+                raise ValueError(extra)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"variant {text!r}: {extra!r} is not overlap, lr=X or mom=Y") from None
+    return Variant(name=parts[0], inner_steps=int(parts[1]), codec=parts[2], **options)
 
 
 FULL_VARIANTS = [
@@ -56,7 +68,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--quick", action="store_true", help="tiny model, few steps: a smoke test")
     parser.add_argument("--steps", type=int, help="global steps (default 600; 20 with --quick)")
     parser.add_argument("--variant", dest="variants", type=_variant, action="append",
-                        help="a Barnraise variant NAME:H:CODEC[:overlap] (repeatable; default: the documented set)")
+                        help="a Barnraise variant NAME:H:CODEC[:overlap][:lr=X][:mom=Y] (repeatable; default: the documented set)")
     parser.add_argument("--baselines", nargs="*", default=[DP, HIVEMIND], choices=[DP, HIVEMIND])
     parser.add_argument("--out", type=Path, help="also write the JSON line here")
     parser.add_argument("--workdir", type=Path, help="keep every run's logs here (default: a temporary folder)")
