@@ -67,6 +67,8 @@ class RoundOutcome:
     """Size of this peer's payload (what it uploads to each groupmate)."""
     diverged: bool = False
     """Most of the group held another consensus state than this peer: it must load theirs."""
+    contributed: bool = True
+    """This peer's own payload is in the applied update (its samples earn credit)."""
 
     def to_log(self) -> dict:
         return asdict(self)
@@ -88,6 +90,9 @@ class Exchange:
     """This peer's own outer gradient of the round (its progress on top of the consensus)."""
     base_root: str = ""
     """Root of the consensus state this peer held at launch."""
+    own_excluded: bool = False
+    """This peer loaded another consensus after launching: its own payload (computed against the
+    old one) is left out, and it applies the mean of the groupmates that hold the new one."""
 
 
 class OuterExchanger:
@@ -175,19 +180,25 @@ class OuterExchanger:
             wait_seconds=waited,
             payload_bytes=exchange.payload_bytes,
             diverged=diverged,
+            contributed=failure is None and not exchange.own_excluded,
         )
 
     def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None, bool]:
         """(update, group size, failure, diverged): a peer whose consensus is in the group's
         minority (a tie goes to the smaller root) stays out and must load the others' state."""
+        entries = list(entries)
+        if exchange.own_excluded:
+            entries = [(r, p) for r, p in entries if not (isinstance(r, dict) and r.get("peer_id") == self.peer_id)]
         try:
-            group = combine(list(entries), codec=self.codec, numel=self.numel, round=exchange.round,
+            group = combine(entries, codec=self.codec, numel=self.numel, round=exchange.round,
                             max_weight=self.max_weight, base_root=exchange.base_root)
         except InputError as error:  # MalformedRecord, or weights that do not sum to a finite number
             return exchange.own, 1, str(error), False
         others, ours = len(group.other_bases), len(group.members)
         if others > ours or (others == ours and min(group.other_bases) < exchange.base_root):
             return exchange.own, 1, f"{others} of the group hold another consensus state than this peer", True
+        if exchange.own_excluded:
+            return group.update, ours, None, False
         if ours < 2 or self.peer_id not in {m.peer_id for m in group.members}:
             why = "; ".join(group.rejected[:2]) or "no groupmate's payload arrived"
             return exchange.own, 1, f"no usable groupmate ({why})", False

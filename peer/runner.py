@@ -175,6 +175,10 @@ class PeerProcess:
         if ours is not None and ours.round == start.state.round and ours.work is not None and ours.pending is not None:
             self.drifted = False
             self.trainer.rebase(ours.delta)  # our own progress of that round stays on top
+            # our payload was computed against the consensus we just replaced: take the mean of
+            # the groupmates that hold the one we loaded (they leave ours out the same way)
+            ours.base_root = start.state.root(self.trainer.layout)
+            ours.own_excluded = True
             return
         if ours is not None and ours.pending is not None:
             ours.pending.cancel()  # it would hold matchmaking for our next exchange
@@ -287,7 +291,7 @@ class PeerProcess:
             self._snapshot()
         if outcome is None:
             return
-        if outcome.averaged:  # a local round's work is not in the swarm's model: no credit
+        if outcome.averaged and outcome.contributed:  # work not in the swarm's model earns no credit
             self.samples += outcome.samples
         if outcome.diverged:
             self.drifted = True  # load the majority's state at the next boundary
