@@ -36,7 +36,7 @@ matchmaking_seconds = 2.0
 round_deadline_seconds = 20.0
 
 [checkpoints]
-every_rounds = 2
+every_rounds = 4
 """
 _MARKER = ".barnraise-demo"
 _START_DEADLINE = 180.0

@@ -91,7 +91,7 @@ class DataSpec:
 class TrainingConfig:
     """Inner (local AdamW) and outer (averaged Nesterov SGD) optimisation."""
 
-    inner_steps: int = 50
+    inner_steps: int = 25
     """H: local AdamW steps between two averaging rounds."""
     batch_size: int = 16
     """Windows per inner step on each peer."""

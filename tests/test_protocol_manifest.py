@@ -104,7 +104,7 @@ def test_minimal_toml_gives_the_documented_defaults():
     )
     assert config.data == DataSpec(corpus="python-stdlib", seq_len=128, heldout_percent=5, eval_windows=64, seed=0)
     assert config.training == TrainingConfig(
-        inner_steps=50,
+        inner_steps=25,
         batch_size=16,
         inner_lr=3e-3,
         inner_weight_decay=0.01,
@@ -258,8 +258,8 @@ def test_config_errors_are_input_errors():
 # Manifest: wire form, run id, signature
 # ---------------------------------------------------------------------------------------
 
-RUN_ID_KAT = "1fb41634996c07da"
-SIGNATURE_KAT = "dbcad5e38d9eba49dfddcde90f7b8bec0a6af4bcfa30727aa42c9e4ed9d04d96c91a2219ddc8beb6d83d3a8dc2839c1b404c508fe21afd52aa03bda51b43b70d"
+RUN_ID_KAT = "b635a3694ef4a095"
+SIGNATURE_KAT = "983371f0903888a790a9512d2aff829afb5e82f1b803ca0610ee2b1c1c8e4c19e3024ff9b6f1ee278b4597e5353edc30756c7d3cb3319a9d579be4a80ff51a0c"
 
 
 def test_manifest_known_answers():
