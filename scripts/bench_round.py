@@ -18,6 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
 from bench.round_bench import FULL_NUMEL, QUICK_NUMEL, ContenderReport, RoundSpec, run_round_bench
 from protocol.errors import BarnraiseError
 from protocol.manifest import AveragingConfig
