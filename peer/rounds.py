@@ -12,14 +12,12 @@ launch, so a restarted peer still sends what its codec held back.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load as load_safetensors
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
 from peer.swarm import PendingExchange, SwarmNode
@@ -110,12 +108,11 @@ class OuterExchanger:
     def _load_residual(self) -> torch.Tensor:
         """The residual a previous life of this peer saved for this run and codec, else zeros."""
         try:
-            raw = self.residual_path.read_bytes()
-            tensors = load_safetensors(raw)
-            metadata = _safetensors_metadata(raw)
+            with safe_open(str(self.residual_path), framework="pt") as saved:
+                metadata = saved.metadata() or {}
+                residual = saved.get_tensor("residual") if "residual" in saved.keys() else None
         except (OSError, SafetensorError, ValueError):
             return torch.zeros(self.numel)
-        residual = tensors.get("residual")
         fits = metadata.get("run_id") == self.run_id and metadata.get("codec") == self.codec.name
         if not fits or residual is None or residual.shape != (self.numel,) or residual.dtype != torch.float32:
             return torch.zeros(self.numel)
@@ -204,10 +201,3 @@ class OuterExchanger:
             return exchange.own, 1, f"no usable groupmate ({why})", False
         return group.update, ours, None, False
 
-
-def _safetensors_metadata(raw: bytes) -> dict[str, str]:
-    """The ``__metadata__`` map of a safetensors header (already parsed once by the loader)."""
-    size = int.from_bytes(raw[:8], "little")
-    header = json.loads(raw[8 : 8 + size])
-    metadata = header.get("__metadata__", {})
-    return metadata if isinstance(metadata, dict) else {}

@@ -140,8 +140,6 @@ class PeerProcess:
         self.exchanger = OuterExchanger(self.node, self.manifest, self.peer_id, self.options.workdir, numel)
         start = self._starting_state(read_progress(self.node, self.run_id))
         self._adopt(start)
-        self._publish()
-        self._pace_after_load(start.state.round)
         self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at {start.source}")
         self._wait_for_peers(self.options.wait_for_peers)
         if self.options.snapshot_every > 0:
@@ -165,25 +163,32 @@ class PeerProcess:
             self.say(f"only {present} of {wanted} peers after {_GATHER_WAIT:.0f} s; starting anyway")
 
     def _adopt(self, start: StartingState) -> None:
-        """Load a verified consensus state. Overlap: keep our exchange of that round if we are in
-        it; otherwise hold an empty one, and if a live peer served the state (its round's exchange
-        was in flight without us) load a newer state at the next boundary."""
+        """Load a verified consensus state, publish it, and pace the next round to the swarm.
+        Overlap: keep our exchange of that round if we are in it; otherwise hold an empty one, and
+        if a live peer served the state (its round's exchange was in flight without us) load a
+        newer state at the next boundary."""
         self.trainer.load(start.state)
-        if not self.overlap:
-            return
+        kept = self._hold_exchange(start) if self.overlap else None
+        self._publish()
+        if kept is not None:
+            # our payload was computed against the consensus we just replaced: take the mean of
+            # the groupmates that hold the one we loaded (they leave ours out the same way)
+            kept.base_root = self.published_root
+            kept.own_excluded = True
+        self._pace_after_load(start.state.round)
+
+    def _hold_exchange(self, start: StartingState) -> Exchange | None:
+        """The exchange to settle after loading ``start``; returns it when it is ours, kept."""
         ours = self.exchange
         if ours is not None and ours.round == start.state.round and ours.work is not None and ours.pending is not None:
             self.drifted = False
             self.trainer.rebase(ours.delta)  # our own progress of that round stays on top
-            # our payload was computed against the consensus we just replaced: take the mean of
-            # the groupmates that hold the one we loaded (they leave ours out the same way)
-            ours.base_root = start.state.root(self.trainer.layout)
-            ours.own_excluded = True
-            return
+            return ours
         if ours is not None and ours.pending is not None:
             ours.pending.cancel()  # it would hold matchmaking for our next exchange
         self.exchange = self.exchanger.empty(start.state.round)
         self.drifted = start.live
+        return None
 
     def _starting_state(self, view: SwarmView) -> StartingState:
         others = [r for r in view.alive() if r.peer_id != self.peer_id]
@@ -233,8 +238,6 @@ class PeerProcess:
             return
         if start.state.round >= mine:
             self._adopt(start)
-            self._publish()
-            self._pace_after_load(start.state.round)
             self.say(f"caught up: now at {start.source}")
 
     def _publish(self) -> PeerProgress:

@@ -77,9 +77,6 @@ class PendingExchange:
         self._control, self._started, self._deadline = control, started, started + deadline_seconds
         self._result: ExchangeResult | None = None
 
-    def done(self) -> bool:
-        return self._result is not None or self._control.done()
-
     def cancel(self) -> None:
         """Abandon the exchange (its averager step stops holding matchmaking for the next one)."""
         if self._result is None:
@@ -206,8 +203,7 @@ class _PayloadGatheringAverager(_StateSharingAverager):
         for (index, peer), body in zip(others, fetched, strict=True):
             if body is not None:
                 payloads[str(peer)] = (records[index], body)
-        return {"payloads": payloads, "missing": len(others) + 1 - len(payloads), "finished": time.monotonic(),
-                "others": len(group_info.peer_ids) - 1 - len(others)}
+        return {"payloads": payloads, "missing": len(others) + 1 - len(payloads), "finished": time.monotonic()}
 
     async def _download(self, peer: PeerID, group_id: bytes) -> bytes | None:
         """A groupmate's payload, or None if it failed or ran past the size limit."""

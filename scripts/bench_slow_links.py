@@ -43,7 +43,6 @@ __all__ = ["CONTENDERS", "time_to_target", "main"]
 CONTENDERS = ("dp", "hivemind", "barnraise")
 """Contenders by flag name: (a) data-parallel, (b) plain hivemind, (c) Barnraise."""
 _DP_PORT = 29500  # torch.distributed's usual TCP store port, in rank 0's namespace
-_EPOCH_SECONDS = 1e8  # a curve "seconds" above this is a Unix time, not seconds since the start
 
 
 def _task(args: argparse.Namespace) -> TaskSpec:
