@@ -1,7 +1,8 @@
 """Contender (c): Barnraise itself, as volunteers run it: a coordinator and N ``barnraise-peer``
 processes on the reference task, for the same number of training tokens as the baselines.
 
-A variant fixes H (inner steps per round), the codec and overlap. ``steps`` global steps of
+A recipe (``bench.recipe``) fixes H (inner steps per round), the codec, the outer step and overlap;
+``run_toml`` writes it as the RUN.toml a coordinator launches. ``steps`` global steps of
 ``global_batch`` windows become ``steps // H`` rounds of H inner steps of ``per_peer_batch``
 windows on each of the N peers: the same tokens. Peers join by multiaddr with the coordinator's
 key pinned, so each builds genesis locally (nothing is downloaded at start), and the
@@ -14,13 +15,13 @@ same windows as the baselines; peer 0 also writes snapshots of the consensus on 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,70 +29,37 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from bench.ranks import Launcher, RankFailed, child_env
-from bench.task import TaskSpec, evaluate
+from bench.recipe import Recipe, run_config
+from bench.task import TaskSpec, evaluate, swarm_peer_key
 from coordinator.children import group_alive, kill_group
 from peer.data import load_corpus
 from peer.model import build_model, load_parameters
+from peer.workdir import write_atomic
+from protocol.errors import ConfigError
+from protocol.manifest import CheckpointConfig
 
-__all__ = ["Variant", "run_barnraise", "run_toml"]
+__all__ = ["run_barnraise", "run_toml"]
 
 _REAP_SECONDS = 20.0
 
 
-@dataclass(frozen=True, kw_only=True)
-class Variant:
-    """One Barnraise configuration to measure."""
-
-    name: str
-    inner_steps: int
-    codec: str
-    overlap: bool = False
-    outer_lr: float = 0.7
-    outer_momentum: float = 0.9
-    matchmaking_seconds: float = 5.0
-    """Overlapped, a longer window costs no compute time and keeps 4 peers in one group."""
-    round_deadline_seconds: float = 30.0
+_MATCHMAKING_SECONDS = 5.0
+"""Overlapped, a longer window costs no compute time and keeps 4 peers in one group."""
+_ROUND_DEADLINE_SECONDS = 30.0
 
 
-def run_toml(spec: TaskSpec, variant: Variant, eval_windows: int) -> str:
-    """The RUN.toml of a variant on the task: same model, data, batch and AdamW as the baselines."""
-    model, data = spec.model, spec.data
-    return f"""[run]
-name = "bench-{variant.name}"
-
-[model]
-n_positions = {model.n_positions}
-n_embd = {model.n_embd}
-n_layer = {model.n_layer}
-n_head = {model.n_head}
-init_seed = {model.init_seed}
-
-[data]
-seq_len = {data.seq_len}
-seed = {data.seed}
-eval_windows = {eval_windows}
-
-[training]
-inner_steps = {variant.inner_steps}
-batch_size = {spec.per_peer_batch}
-inner_lr = {spec.inner_lr}
-inner_betas = [{spec.betas[0]}, {spec.betas[1]}]
-inner_weight_decay = {spec.weight_decay}
-grad_clip = {spec.grad_clip}
-outer_lr = {variant.outer_lr}
-outer_momentum = {variant.outer_momentum}
-
-[averaging]
-codec = "{variant.codec}"
-overlap = {str(variant.overlap).lower()}
-target_group_size = {spec.peers}
-min_group_size = 2
-matchmaking_seconds = {variant.matchmaking_seconds}
-round_deadline_seconds = {variant.round_deadline_seconds}
-
-[checkpoints]
-every_rounds = 1000000
-"""
+def run_toml(spec: TaskSpec, recipe: Recipe, eval_windows: int, *, full_groups: bool = False) -> str:
+    """The RUN.toml of a recipe on the task: same model, data, batch and AdamW as the baselines;
+    one group of every peer (``full_groups``: a round waits for all of them rather than averaging
+    in a smaller group); no checkpoints during the run."""
+    if not recipe.swarm_can_run:
+        raise ConfigError(f"recipe {recipe.name}: the swarm runs only sync or rebase rounds of a codec,"
+                          " weighted by samples, at one speed and a fixed H")
+    averaging = {"target_group_size": spec.peers, "min_group_size": spec.peers if full_groups else 2,
+                 "matchmaking_seconds": _MATCHMAKING_SECONDS, "round_deadline_seconds": _ROUND_DEADLINE_SECONDS}
+    config = run_config(spec, recipe, averaging=averaging, eval_windows=eval_windows)
+    config = dataclasses.replace(config, checkpoints=CheckpointConfig(every_rounds=1_000_000))
+    return config.to_toml()
 
 
 def _start(argv: list[str], log: Path, launcher: Launcher | None, rank: int) -> subprocess.Popen[bytes]:
@@ -132,9 +100,12 @@ def _stop_all(processes: list[subprocess.Popen[bytes]]) -> None:
 
 
 def _peer_argv(
-    spec: TaskSpec, workdir: Path, rank: int, endpoint: dict, rounds: int, host: str, every: int
+    spec: TaskSpec, workdir: Path, rank: int, endpoint: dict, rounds: int, host: str, every: int, device: str
 ) -> list[str]:
     folder = workdir / f"p{rank}"
+    # a fixed key: the peer trains on the windows of a known peer id (the simulator's replica ``rank``)
+    folder.mkdir(parents=True, exist_ok=True)
+    write_atomic(folder / "peer.key", swarm_peer_key(rank).to_pem(), mode=0o600)
     argv = [
         sys.executable,
         "-m",
@@ -152,6 +123,8 @@ def _peer_argv(
         str(rounds),
         "--threads",
         "1",
+        "--device",
+        device,
         "--save-state",
         str(folder / "final.safetensors"),
     ]
@@ -160,20 +133,22 @@ def _peer_argv(
 
 def run_barnraise(
     spec: TaskSpec,
-    variant: Variant,
+    recipe: Recipe,
     workdir: Path,
     *,
     timeout_s: float = 1800.0,
     launcher: Launcher | None = None,
     host_ips: list[str] | None = None,
     coordinator_ip: str = "127.0.0.1",
+    device: str = "cpu",
+    full_groups: bool = False,
 ) -> dict[str, Any]:
     """Train the task with Barnraise; the caller measures bytes around this call."""
-    rounds = max(1, spec.steps // variant.inner_steps)
+    rounds = max(1, spec.steps // recipe.inner_steps)
     eval_windows = spec.eval_windows or spec.data.eval_windows
     every = max(1, rounds // spec.curve_points)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "RUN.toml").write_text(run_toml(spec, variant, eval_windows))
+    (workdir / "RUN.toml").write_text(run_toml(spec, recipe, eval_windows, full_groups=full_groups))
     started = time.monotonic()
     coordinator = _start(
         [
@@ -199,13 +174,13 @@ def run_barnraise(
         started, wall_start = time.monotonic(), time.time()
         for rank in range(spec.peers):
             host = host_ips[rank] if host_ips else "127.0.0.1"
-            argv = _peer_argv(spec, workdir, rank, endpoint, rounds, host, every)
+            argv = _peer_argv(spec, workdir, rank, endpoint, rounds, host, every, device)
             processes.append(_start(argv, workdir / f"p{rank}.log", launcher, rank))
         _wait_peers(processes[1:], workdir, started + timeout_s)
         seconds = time.monotonic() - started
     finally:
         _stop_all(processes)
-    return _summary(spec, variant, workdir, rounds, seconds, wall_start)
+    return _summary(spec, recipe, workdir, rounds, seconds, wall_start)
 
 
 def _wait_peers(peers: list[subprocess.Popen[bytes]], workdir: Path, deadline: float) -> None:
@@ -231,7 +206,7 @@ def _snapshots(folder: Path, model, corpus, spec: TaskSpec) -> list[dict[str, An
     return points
 
 
-def _summary(spec: TaskSpec, variant: Variant, workdir: Path, rounds: int, seconds: float,
+def _summary(spec: TaskSpec, recipe: Recipe, workdir: Path, rounds: int, seconds: float,
              wall_start: float) -> dict[str, Any]:
     corpus = load_corpus(spec.data)
     model = build_model(spec.model)
@@ -250,10 +225,10 @@ def _summary(spec: TaskSpec, variant: Variant, workdir: Path, rounds: int, secon
     seconds -= training_start - wall_start  # joining (imports, DHT, waiting for the others) is not training
     wall_start = training_start
     # the consensus of round b holds b rounds of H steps (b − 1 with overlap: its round 0 is empty)
-    step_of = lambda b: max(0, b - int(variant.overlap)) * variant.inner_steps  # noqa: E731
+    step_of = lambda b: max(0, b - int(recipe.update_rule == "rebase")) * recipe.inner_steps  # noqa: E731
     return {
-        "contender": f"barnraise-{variant.name}",
-        "variant": variant.__dict__,
+        "contender": f"barnraise-{recipe.name}",
+        "recipe": recipe.to_dict(),
         "heldout_loss": losses[0],
         "heldout_loss_peers": losses,
         "rounds": rounds,

@@ -6,7 +6,8 @@
 that meet through torch.distributed's TCP store at ``master_addr``. Each step every rank
 computes the gradient of its own ``bench.task.windows(rank, step)``, packs all gradients into
 one flat fp32 buffer, all-reduces it (SUM, gloo: a ring, so each rank sends about
-2 (N-1)/N times the buffer), divides by N, clips and takes an AdamW step. All ranks start from
+2 (N-1)/N times the buffer), divides by N, clips and takes an AdamW step at the task's
+learning rate for that step (``TaskSpec.training_schedule``). All ranks start from
 the same genesis parameters and apply the same update, so they stay identical.
 
 Rank 0 scores held-out loss at ``bench.task.checkpoint_steps``; the other ranks wait for it at
@@ -137,7 +138,7 @@ def _train(spec: TaskSpec, rank: int, corpus: Corpus) -> dict[str, Any]:
     for parameter in parameters:
         parameter.grad = torch.zeros_like(parameter)
     flat, clock, curve = _FlatGradients(parameters), _Clock(), []
-    checkpoints = set(checkpoint_steps(spec))
+    checkpoints, schedule = set(checkpoint_steps(spec)), spec.training_schedule()
     dist.barrier()  # every rank has loaded its data: the clock starts together
     start = time.perf_counter()
     for step in range(spec.steps + 1):
@@ -146,6 +147,8 @@ def _train(spec: TaskSpec, rank: int, corpus: Corpus) -> dict[str, Any]:
         if step == spec.steps:
             break
         began = time.perf_counter()
+        for group in optimizer.param_groups:
+            group["lr"] = schedule.inner_lr_at(step)
         optimizer.zero_grad(set_to_none=False)
         batch_loss(model, windows(corpus, spec, rank, step)).backward()
         buffer = flat.pack()

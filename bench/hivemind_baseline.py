@@ -193,12 +193,19 @@ def _make_optimizer(
             averaging_timeout=options["averaging_timeout"],
             average_state_every=options["average_state_every"],
             grad_compression=Float16Compression(),
+            # the task's rate per global step (hivemind's epoch): the same schedule as every contender
+            scheduler=partial(torch.optim.lr_scheduler.LambdaLR, lr_lambda=_lr_factor(spec)),
             grad_averager_factory=partial(GradientAverager, **group),
             averager_opts=group,
             verbose=options["verbose"],
         )
     finally:
         signal.signal(signal.SIGINT, sigint)
+
+
+def _lr_factor(spec: TaskSpec):
+    schedule = spec.training_schedule()
+    return lambda epoch: schedule.inner_lr_at(epoch) / spec.inner_lr
 
 
 @dataclass

@@ -2,6 +2,8 @@
 
     PYTHONPATH=. python scripts/bench_round.py --quick      # N = 5M, 1 measured round
     PYTHONPATH=. python scripts/bench_round.py              # N = 100M, 3 measured rounds
+    PYTHONPATH=. python scripts/bench_round.py --codec bmax-c4096-b64-s2 topk-c4096-k64-q2 \
+        --aggregation senders --contenders barnraise memcpy
 
 Every peer is its own process (``python -m bench.round_bench --rank r``, started and reaped by
 ``bench.ranks.run_ranks``) holding its own random float32 vector of N elements; the contenders
@@ -9,8 +11,9 @@ run one after another, never at the same time:
 
     barnraise   what a peer does per round: ``compress_with_feedback`` -> ``GroupMember`` ->
                 ``SwarmNode.start_exchange`` (all-gather of compressed payloads) ->
-                ``protocol.averaging.combine``; timed from "start compress" to "update in hand",
-                split into encode / exchange / decode+combine
+                ``protocol.averaging.combine`` (``--aggregation``: mean or senders); timed from
+                "start compress" to "update in hand", split into encode / exchange /
+                decode+combine; one row per codec
     hivemind    hivemind's bare ``DecentralizedAverager`` (butterfly all-reduce), one ``step()``
                 per round, without compression and with ``Float16Compression``
     memcpy      the bound if the network were as fast as memory: one in-memory copy (one thread)
@@ -31,9 +34,11 @@ around the measured rounds, divided by rounds and peers. It counts everything on
 All peers share this machine's cores, so the CPU phases are slower than on one machine each.
 
 Checks (a failed one marks the contender FAILED): every round forms a group of all 4 peers with
-no payload missing; Barnraise's 4 updates are bit-identical (sha256) and, at sampled indices,
-exactly the canonical weighted mean of the 4 decoded payloads; hivemind's updates equal the
-mean of the 4 inputs at sampled indices within the codec's tolerance.
+no payload missing; Barnraise's 4 updates are bit-identical (sha256) and, at sampled indices
+(1,024 at random and a run of 1,024 consecutive ones, where a sparse codec keeps entries),
+exactly the canonical combine of the 4 decoded payloads under the aggregation rule (for
+``senders``, over the peers whose payload kept the index); hivemind's updates equal the mean
+of the 4 inputs at sampled indices within the codec's tolerance.
 """
 
 from __future__ import annotations
@@ -57,7 +62,8 @@ import torch
 
 from bench.counters import InterfaceBytes
 from bench.ranks import arm_watchdog, file_barrier, rendezvous_dir, run_ranks, write_result
-from protocol.codecs import compress_with_feedback, decode, parse_codec, payload_size
+from protocol.averaging import Aggregation
+from protocol.codecs import compress_with_feedback, decode, parse_codec, parse_payload, payload_size
 from protocol.errors import BarnraiseError, ConfigError, DeadlineExceeded, VerificationError
 
 __all__ = [
@@ -114,7 +120,10 @@ class RoundSpec:
     seed: int = 0
     """Seeds every rank's vectors and the sampled indices."""
     samples: int = 1024
-    """Indices at which the parent checks the updates against the mean."""
+    """Indices at which the parent checks the updates against the mean: this many at random,
+    and a run of this many consecutive ones (so a sparse codec's kept entries are in it)."""
+    aggregation: Aggregation = "mean"
+    """Barnraise's combine rule (``protocol.averaging.combine``): ``mean`` or ``senders``."""
     host_ip: str = "127.0.0.1"
 
     def __post_init__(self) -> None:
@@ -122,6 +131,8 @@ class RoundSpec:
             raise ConfigError(f"round bench: need numel >= 1, peers >= 2, warmup >= 0, rounds >= 1: {self}")
         if self.matchmaking_seconds <= 0:
             raise ConfigError("round bench: matchmaking_seconds must be positive")
+        if self.aggregation not in ("mean", "senders"):
+            raise ConfigError(f"round bench: aggregation {self.aggregation!r} is not 'mean' or 'senders'")
 
     def network_deadline(self, bytes_per_peer: float) -> float:
         """Seconds one round's exchange may take when a peer moves ``bytes_per_peer``."""
@@ -218,7 +229,7 @@ def run_barnraise(spec: RoundSpec, codec: str, workdir: Path, timeout_s: float |
     seconds, median_round, slowest = _median_round(measured)
     record = measured[slowest][median_round]
     return ContenderReport(
-        name=f"barnraise {codec}",
+        name=_barnraise_name(spec, codec),
         kind="barnraise",
         numel=spec.numel,
         seconds=seconds,
@@ -227,8 +238,13 @@ def run_barnraise(spec: RoundSpec, codec: str, workdir: Path, timeout_s: float |
         expected_bytes_per_peer_round=float(sent),
         split={key: record[key] for key in ("encode", "exchange", "decode_combine")},
         check=_check_barnraise(results, spec),
-        detail={"payload_bytes": size, "averager_seconds": record["averager_seconds"], "wall_seconds": wall},
+        detail={"payload_bytes": size, "averager_seconds": record["averager_seconds"], "wall_seconds": wall,
+                "aggregation": spec.aggregation, "touched": record["touched"]},
     )
+
+
+def _barnraise_name(spec: RoundSpec, codec: str) -> str:
+    return f"barnraise {codec}" + (f" {spec.aggregation}" if spec.aggregation != "mean" else "")
 
 
 def run_hivemind(spec: RoundSpec, workdir: Path, timeout_s: float | None = None) -> list[ContenderReport]:
@@ -306,7 +322,8 @@ def run_round_bench(
             try:
                 reports.append(run_barnraise(spec, codec, folder))
             except BarnraiseError as error:
-                reports.append(ContenderReport.failed(f"barnraise {codec}", "barnraise", spec, f"{error} ({folder})"))
+                why = f"{error} ({folder})"
+                reports.append(ContenderReport.failed(_barnraise_name(spec, codec), "barnraise", spec, why))
     if "hivemind" in contenders:
         try:
             reports.extend(run_hivemind(spec, workdir / "hivemind"))
@@ -341,19 +358,28 @@ def _loopback(lead: dict[str, Any], spec: RoundSpec) -> float:
 
 
 def _check_barnraise(results: list[dict[str, Any]], spec: RoundSpec) -> str:
-    """Updates bit-identical across ranks, and the canonical mean of the decoded payloads at samples."""
+    """Updates bit-identical across ranks, and the canonical combine of the decoded payloads at
+    the samples: per sample, float64 sums in peer-id order of (decoded value x weight 1.0) and of
+    the weights, over every peer (``mean``) or the peers whose payload kept it (``senders``)."""
     order = sorted(range(len(results)), key=lambda rank: results[rank]["peer_id"])
+    touched = 0
     for index in range(spec.warmup + spec.rounds):
         rounds = [r["rounds"][index] for r in results]
         if len({record["sha256"] for record in rounds}) != 1:
             return f"FAILED: round {index}: the {len(rounds)} updates are not bit-identical"
         for j, got in enumerate(rounds[0]["update_samples"]):
-            acc = 0.0  # as protocol.codecs.aggregate: float64, canonical order, weight 1.0 each
+            acc, weight = 0.0, 0.0
             for rank in order:
-                acc += rounds[rank]["own_samples"][j] * 1.0
-            if float(np.float32(acc / len(order))) != got:
-                return f"FAILED: round {index}: update sample {j} is {got}, not the mean of the decoded payloads"
-    return "ok: group of 4, updates bit-identical, = mean of decoded payloads"
+                if spec.aggregation == "mean" or rounds[rank]["own_kept"][j]:
+                    acc += rounds[rank]["own_samples"][j] * 1.0
+                    weight += 1.0
+            expected = float(np.float32(acc / weight)) if weight else 0.0
+            if expected != got:
+                return f"FAILED: round {index}: update sample {j} is {got}, not {expected} ({spec.aggregation})"
+            touched += any(rounds[rank]["own_kept"][j] for rank in order)
+    samples = len(results[0]["rounds"][0]["update_samples"]) * (spec.warmup + spec.rounds)
+    return (f"ok: group of 4, updates bit-identical, = {spec.aggregation} of decoded payloads "
+            f"({touched} of {samples} sampled coordinates kept by some peer)")
 
 
 def _check_hivemind(variants: list[dict[str, Any]], compression: str) -> str:
@@ -383,8 +409,20 @@ def _vector(spec: RoundSpec, rank: int, round_: int, out: torch.Tensor | None = 
 
 
 def _sample_indices(spec: RoundSpec) -> torch.Tensor:
+    """``samples`` random indices and a run of ``samples`` consecutive ones, sorted, unique."""
     generator = torch.Generator().manual_seed(spec.seed)
-    return torch.randint(spec.numel, (spec.samples,), generator=generator).sort().values
+    scattered = torch.randint(spec.numel, (spec.samples,), generator=generator)
+    first = int(torch.randint(max(1, spec.numel - spec.samples), (1,), generator=generator))
+    run = torch.arange(first, min(spec.numel, first + spec.samples))
+    return torch.unique(torch.cat([scattered, run]))
+
+
+def _kept_at(parsed: Any, indices: torch.Tensor) -> list[bool]:
+    """Whether a parsed payload lists each of the (sorted) indices as an entry."""
+    wanted, kept = indices.numpy(), np.zeros(len(indices), dtype=bool)
+    for positions, _ in parsed.entries():
+        kept |= np.isin(wanted, positions, assume_unique=True)
+    return kept.tolist()
 
 
 def _digest(tensor: torch.Tensor) -> str:
@@ -469,18 +507,21 @@ class _BarnraisePeer:
             raise VerificationError(f"round {round_}: exchange got {len(result.payloads)} of {self.spec.peers} "
                                     f"payloads ({result.missing} missing): {result.failure}")  # fmt: skip
         group = combine(list(result.payloads.values()), codec=self.codec, numel=self.spec.numel, round=round_,
-                        max_weight=float("inf"), base_root=_BASE_ROOT)
+                        max_weight=float("inf"), base_root=_BASE_ROOT, aggregation=self.spec.aggregation)
         done = time.perf_counter()
         averager_seconds = result.seconds
         del result
         if len(group.members) != self.spec.peers or group.rejected:
             raise VerificationError(f"round {round_}: combined {len(group.members)} members; rejected {group.rejected}")
+        group_touched = group.touched
         record = {"encode": encoded - began, "exchange": arrived - launched, "decode_combine": done - arrived,
                   "sha256": _digest(group.update), "update_samples": group.update[self.indices].tolist()}  # fmt: skip
         record["seconds"] = record["encode"] + record["exchange"] + record["decode_combine"]
         record["averager_seconds"] = averager_seconds  # the exchange as the averager process saw it
         del group
         record["own_samples"] = decode(payload, self.codec, self.spec.numel)[self.indices].tolist()
+        record["own_kept"] = _kept_at(parse_payload(payload, self.codec, self.spec.numel), self.indices)
+        record["touched"] = group_touched
         return record
 
 

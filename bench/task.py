@@ -14,17 +14,20 @@ over ``spec.eval_windows`` fixed, evenly spaced held-out windows.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from peer.data import Corpus, heldout_windows, training_batch
 from peer.model import heldout_loss
 from protocol.errors import ConfigError
 from protocol.manifest import DataSpec, ModelConfig, TrainingConfig
+from protocol.signing import SigningKey, key_id
 
-__all__ = ["TaskSpec", "bench_peer_id", "windows", "evaluate", "checkpoint_steps"]
+__all__ = ["TaskSpec", "SIZES", "reference_task", "bench_peer_id", "swarm_peer_key", "swarm_peer_id", "windows", "evaluate", "checkpoint_steps"]
 
 _TRAINING = TrainingConfig()
 
@@ -56,6 +59,14 @@ class TaskSpec:
     """AdamW weight decay."""
     grad_clip: float = _TRAINING.grad_clip
     """Clip of the averaged gradient's global norm before each step (0 disables)."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """The AdamW learning rate over the run, for every contender alike: constant, or linear warmup
+    then a cosine to ``min_lr_ratio`` × ``inner_lr`` at the last step (``TrainingConfig.inner_lr_at``
+    with ``total_steps = steps``); a peer's step count is its own steps since the start."""
+    warmup_steps: int = 0
+    """Steps of linear warmup (0: none)."""
+    min_lr_ratio: float = 0.1
+    """Cosine: the floor, as a fraction of ``inner_lr``."""
     eval_windows: int | None = None
     """Held-out windows scored per evaluation; None takes ``data.eval_windows`` (256 is less noisy)."""
     curve_points: int = 10
@@ -71,9 +82,19 @@ class TaskSpec:
         )
         _require(self.weight_decay >= 0, "task.weight_decay must be non-negative")
         _require(self.grad_clip >= 0, "task.grad_clip must be non-negative")
+        self.training_schedule()  # a schedule the manifest would refuse is refused here too
         _require(self.eval_windows is None or self.eval_windows > 0, "task.eval_windows must be positive")
         _require(self.curve_points > 0, "task.curve_points must be positive")
         _require(self.model.n_positions >= self.data.seq_len, "task.model.n_positions must be at least data.seq_len")
+
+    def training_schedule(self) -> TrainingConfig:
+        """The learning-rate schedule as the manifest holds it: ``.inner_lr_at(step)`` is the rate."""
+        try:
+            return TrainingConfig(inner_lr=self.inner_lr, lr_schedule=self.lr_schedule, warmup_steps=self.warmup_steps,
+                                  total_steps=self.steps if self.lr_schedule == "cosine" else 0,
+                                  min_lr_ratio=self.min_lr_ratio)  # fmt: skip
+        except ConfigError as error:
+            raise ConfigError(f"task: {error}") from None
 
     @property
     def global_batch(self) -> int:
@@ -104,6 +125,19 @@ def bench_peer_id(rank: int) -> str:
     return f"bench-{rank}"
 
 
+def swarm_peer_key(rank: int) -> SigningKey:
+    """The signing key Barnraise's peer ``rank`` gets in every benchmark: fixed (from a hash of the
+    rank), so its peer id, and with it the windows it trains on, is known before the run, and
+    the simulator (``bench.simulator``) trains its replica ``rank`` on exactly those windows."""
+    seed = hashlib.sha256(f"barnraise-bench-peer-{rank}".encode()).digest()
+    return SigningKey(Ed25519PrivateKey.from_private_bytes(seed))
+
+
+def swarm_peer_id(rank: int) -> str:
+    """The Barnraise peer id (key id) of ``swarm_peer_key(rank)``."""
+    return key_id(swarm_peer_key(rank).public_key_hex)
+
+
 def windows(corpus: Corpus, spec: TaskSpec, rank: int, step: int) -> torch.Tensor:
     """[per_peer_batch, seq_len + 1] int64 windows for peer ``rank`` at its local step ``step``.
 
@@ -124,3 +158,19 @@ def checkpoint_steps(spec: TaskSpec) -> list[int]:
     """Global steps after which held-out loss is recorded: 0, every steps//curve_points, and the last."""
     every = max(1, spec.steps // spec.curve_points)
     return sorted({*range(0, spec.steps, every), spec.steps})
+
+
+SIZES: dict[str, tuple[ModelConfig, int]] = {
+    "reference": (ModelConfig(), 600),
+    "large": (ModelConfig(n_embd=256, n_layer=4, n_head=8), 200),
+}
+"""Reference model sizes and their default global steps: the demo's 0.45M-parameter GPT-2, and a
+3.3M-parameter one (fewer steps) where payloads, not the swarm's fixed overhead, set the bytes."""
+
+
+def reference_task(size: str = "reference", *, steps: int | None = None, **changes: Any) -> TaskSpec:
+    """The bytes-to-loss task at a reference size: 4 peers, batch 16 each, 256 held-out windows."""
+    if size not in SIZES:
+        raise ConfigError(f"task size {size!r} is not one of {', '.join(SIZES)}")
+    model, default_steps = SIZES[size]
+    return TaskSpec(model=model, steps=steps or default_steps, eval_windows=256, **changes)

@@ -30,7 +30,9 @@ n_embd = 128
 n_layer = 2
 n_head = 4
 
-# H, the codec and synchronous rounds are the manifest's defaults (chosen in docs/benchmarks.md).
+# H, the codec, the outer step and synchronous rounds are the manifest's defaults, chosen by
+# measurement in docs/benchmarks.md (H 15, bmax-c4096-b64-s2, error feedback decayed 0.95,
+# a mean over each coordinate's senders, outer SGD at 1.0).
 [averaging]
 matchmaking_seconds = 2.0
 round_deadline_seconds = 20.0

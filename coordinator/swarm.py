@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from peer.progress import MANIFEST_KEY, PROGRESS_TTL
+from peer.progress import MANIFEST_KEY, MANIFEST_TTL
 from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
 from protocol.codecs import parse_codec, payload_size
@@ -54,7 +54,7 @@ def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vecto
             averaging=manifest.config.averaging,
             client_mode=True,
         )
-        node.store(MANIFEST_KEY, signed.to_bytes(), ttl=PROGRESS_TTL)
+        node.store(MANIFEST_KEY, signed.to_bytes(), ttl=MANIFEST_TTL)
     except BaseException:
         node.shutdown()
         raise

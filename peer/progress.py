@@ -8,11 +8,14 @@ from dataclasses import dataclass
 from protocol.errors import MalformedRecord, VerificationError
 from protocol.records import PeerProgress
 
-__all__ = ["progress_key", "MANIFEST_KEY", "SwarmView", "read_progress", "PROGRESS_TTL"]
+__all__ = ["progress_key", "MANIFEST_KEY", "MANIFEST_TTL", "SwarmView", "read_progress", "PROGRESS_TTL"]
 
 MANIFEST_KEY = "barnraise.manifest"
 PROGRESS_TTL = 120.0
 """Seconds a progress record stays in the DHT; a peer silent that long is gone."""
+MANIFEST_TTL = 600.0
+"""Seconds the signed manifest (the same bytes for the whole run) stays in the DHT after a store.
+The coordinator re-stores it every half of this; peers only when it is about to lapse."""
 
 
 def progress_key(run_id: str) -> str:
@@ -35,9 +38,10 @@ class SwarmView:
         return max((r.round for r in self.alive()), default=-1)
 
 
-def read_progress(node, run_id: str) -> SwarmView:
-    """Fetch, decode, verify every peer's progress record; drop (and count) bad ones."""
-    raw = node.fetch(progress_key(run_id))
+def read_progress(node, run_id: str, *, local: bool = False) -> SwarmView:
+    """Fetch, decode, verify every peer's progress record; drop (and count) bad ones. ``local``:
+    only the records this node stores itself (no network; all of them in a swarm of up to 5 nodes)."""
+    raw = node.fetch_local(progress_key(run_id)) if local else node.fetch(progress_key(run_id))
     records, rejected = {}, 0
     for subkey, value in (raw or {}).items() if isinstance(raw, dict) else ():
         try:

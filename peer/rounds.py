@@ -1,10 +1,11 @@
 """A round's exchange: compress Δ with error feedback, all-gather the payloads, combine them.
 
-    launch:  payload = codec(Δ + e);  e ← Δ + e − decode(payload)   (error feedback)
-             the payload goes to every groupmate; theirs come back (``SwarmNode.start_exchange``)
-    resolve: update = weighted mean of the decoded payloads in canonical order
-             (``protocol.averaging.combine``), or this peer's own decoded payload when the
-             exchange failed: a local round, reported as such
+    launch:  e ← β·e + Δ;  payload = codec(e);  e ← e − decode(payload)   (error feedback,
+             β = ``averaging.error_feedback_decay``); the payload goes to every groupmate and
+             theirs come back (``SwarmNode.start_exchange``)
+    resolve: update = the combine of the decoded payloads in canonical order
+             (``protocol.averaging.combine`` with ``averaging.aggregation``), or this peer's own
+             decoded payload when the exchange failed: a local round, reported as such
 
 The residual ``e`` is part of the peer's local state: it is saved in the workdir after every
 launch, so a restarted peer still sends what its codec held back.
@@ -13,6 +14,8 @@ launch, so a restarted peer still sends what its codec held back.
 from __future__ import annotations
 
 import time
+from collections import Counter
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -93,13 +96,29 @@ class Exchange:
     old one) is left out, and it applies the mean of the groupmates that hold the new one."""
 
 
+def outvoted(own_root: str, own_members: int, other_roots: Sequence[str]) -> bool:
+    """Whether a consensus root held by ``own_members`` members of a group loses to another root
+    of the group (``other_roots``: one entry per member holding it): the root with the most
+    members wins, a tie goes to the smaller root. Pure, so every member of a group that saw the
+    same records picks the same winner, and exactly its holders keep their state. (Comparing our
+    count with all the others together, as before, made every member of a group whose members
+    all held different roots give way, and with none serving its state the fork never healed.)"""
+    counts = Counter(other_roots)
+    if not counts:
+        return False
+    root, members = min(counts.items(), key=lambda item: (-item[1], item[0]))
+    return members > own_members or (members == own_members and root < own_root)
+
+
 class OuterExchanger:
     """Owns the codec, the error-feedback residual and the peer's side of every exchange."""
 
     def __init__(self, node: SwarmNode, manifest: RunManifest, peer_id: str, workdir: Path, numel: int):
         self.node, self.peer_id, self.numel = node, peer_id, numel
         self.run_id = manifest.run_id
-        self.codec = parse_codec(manifest.config.averaging.codec)
+        averaging = manifest.config.averaging
+        self.codec = parse_codec(averaging.codec)
+        self.decay, self.aggregation = averaging.error_feedback_decay, averaging.aggregation
         training = manifest.config.training
         self.max_weight = float(training.inner_steps * training.batch_size)
         self.residual_path = workdir / RESIDUAL_FILE
@@ -129,7 +148,7 @@ class OuterExchanger:
     def launch(self, work: RoundWork, delta: torch.Tensor, *, base_root: str, skip: str | None = None) -> Exchange:
         """Compress Δ (with the residual) and start its exchange; ``skip`` keeps it local.
         ``base_root`` is the root of the consensus state this peer holds (its θ_r)."""
-        payload, self.residual = compress_with_feedback(self.codec, delta, self.residual)
+        payload, self.residual = compress_with_feedback(self.codec, delta, self.residual, decay=self.decay)
         self._save_residual(work.round)
         own = decode(payload, self.codec, self.numel)
         exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip, delta=delta,
@@ -181,18 +200,18 @@ class OuterExchanger:
         )
 
     def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None, bool]:
-        """(update, group size, failure, diverged): a peer whose consensus is in the group's
-        minority (a tie goes to the smaller root) stays out and must load the others' state."""
+        """(update, group size, failure, diverged): a peer whose consensus another one outvotes in
+        the group (``outvoted``) stays out and must load that state."""
         entries = list(entries)
         if exchange.own_excluded:
             entries = [(r, p) for r, p in entries if not (isinstance(r, dict) and r.get("peer_id") == self.peer_id)]
         try:
             group = combine(entries, codec=self.codec, numel=self.numel, round=exchange.round,
-                            max_weight=self.max_weight, base_root=exchange.base_root)
+                            max_weight=self.max_weight, base_root=exchange.base_root, aggregation=self.aggregation)
         except InputError as error:  # MalformedRecord, or weights that do not sum to a finite number
             return exchange.own, 1, str(error), False
         others, ours = len(group.other_bases), len(group.members)
-        if others > ours or (others == ours and min(group.other_bases) < exchange.base_root):
+        if outvoted(exchange.base_root, ours, group.other_bases):
             return exchange.own, 1, f"{others} of the group hold another consensus state than this peer", True
         if exchange.own_excluded:
             return group.update, ours, None, False

@@ -24,7 +24,7 @@ from safetensors.torch import save as save_safetensors
 from peer.coordinator_client import CoordinatorClient
 from peer.data import load_corpus
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_peer
-from peer.progress import MANIFEST_KEY, PROGRESS_TTL, SwarmView, progress_key, read_progress
+from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, SwarmView, progress_key, read_progress
 from peer.rounds import Exchange, OuterExchanger, RoundOutcome, RoundWork
 from peer.swarm import SwarmNode
 from peer.trainer import Trainer
@@ -118,7 +118,7 @@ class PeerProcess:
         """Overlap: inner steps of the next round when this peer launched late (None: all H)."""
         self.stop = _StopFlag()
         self.log_path = options.workdir / "rounds.jsonl"
-        self.manifest_stored = -float("inf")
+        self.manifest_checked = -float("inf")
         self.published_root = ""
         self.view: SwarmView | None = None
         """The swarm as read just before this peer's latest launch (one DHT read per round)."""
@@ -262,10 +262,19 @@ class PeerProcess:
         self.served = (None, []) if self.drifted else (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
         self.node.set_state_priority(state.round)
         self.node.store(progress_key(self.run_id), record.to_bytes(), ttl=PROGRESS_TTL, subkey=self.peer_id)
-        if time.monotonic() - self.manifest_stored > PROGRESS_TTL / 2:  # keep it findable, not re-sent each round
-            self.node.store(MANIFEST_KEY, self.signed.to_bytes(), ttl=PROGRESS_TTL)
-            self.manifest_stored = time.monotonic()
+        self._keep_manifest()
         return record
+
+    def _keep_manifest(self) -> None:
+        """Keep the manifest findable for joiners when the coordinator no longer refreshes it: once a
+        minute, look at the copy this node stores (no network) and re-store it only if it lapses
+        within a third of its TTL (or this node holds none: a swarm of more than 5 nodes)."""
+        if time.monotonic() - self.manifest_checked < PROGRESS_TTL / 2:
+            return
+        self.manifest_checked = time.monotonic()
+        expires = self.node.stored_expiration(MANIFEST_KEY)
+        if expires is None or expires - time.time() < MANIFEST_TTL / 3:
+            self.node.store(MANIFEST_KEY, self.signed.to_bytes(), ttl=MANIFEST_TTL)
 
     def _report(self, outcome: RoundOutcome, view: SwarmView) -> None:
         total = sum(r.samples for r in view.alive() if r.peer_id != self.peer_id) + self.samples
@@ -289,18 +298,20 @@ class PeerProcess:
         """Apply a finished (or failed) exchange's update with the outer step; report the round."""
         update, outcome = self.exchanger.resolve(exchange)
         self.trainer.apply_outer(update)
+        if outcome is not None:
+            if outcome.averaged and outcome.contributed:  # work not in the swarm's model earns no credit
+                self.samples += outcome.samples
+            if outcome.diverged:
+                self.drifted = True  # load the majority's state at the next boundary
+            write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
+            self.last = outcome
+        # after the outcome is recorded: the record must say whether *this* round averaged (others'
+        # catch-up reads it), not the round before
         self._publish()
         if self.options.snapshot_every > 0 and self.trainer.state.round % self.options.snapshot_every == 0:
             self._snapshot()
-        if outcome is None:
-            return
-        if outcome.averaged and outcome.contributed:  # work not in the swarm's model earns no credit
-            self.samples += outcome.samples
-        if outcome.diverged:
-            self.drifted = True  # load the majority's state at the next boundary
-        write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
-        self.last = outcome
-        self._report(outcome, self.view or read_progress(self.node, self.run_id))
+        if outcome is not None:
+            self._report(outcome, self.view or read_progress(self.node, self.run_id))
 
     def _snapshot(self) -> None:
         """The consensus θ (not this peer's own start point) to snapshots/rNNNNNN.safetensors, with
@@ -375,8 +386,12 @@ class PeerProcess:
                 break
             if options.max_minutes is not None and time.monotonic() - started > options.max_minutes * 60:
                 break
-            # overlap: the launch just before this read the swarm; sync: an exchange ended since
-            fresh = not self.overlap or self.view is None
+            # one DHT read per round: the launch just before read the swarm. Sync: a round that
+            # averaged kept this peer in step with its group, so that view is reused (a swarm that got
+            # ahead since shows at the next launch, which then skips averaging and the read after it is
+            # fresh); after a local or failed round the exchange's outcome is news: read again
+            settled_alone = self.last is None or not self.last.averaged or self.drifted
+            fresh = self.view is None or (not self.overlap and settled_alone)
             self._catch_up(read_progress(self.node, self.run_id) if fresh else self.view)
             if not self._round():
                 break

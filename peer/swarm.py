@@ -17,6 +17,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name to find stream handlers)
 
@@ -35,8 +36,11 @@ from hivemind.averaging import DecentralizedAverager  # noqa: E402
 from hivemind.averaging.group_info import GroupInfo  # noqa: E402
 from hivemind.averaging.matchmaking import MatchmakingException  # noqa: E402
 from hivemind.compression import NoCompression  # noqa: E402
+from hivemind.dht.routing import DHTID  # noqa: E402
+from hivemind.dht.storage import DictionaryDHTValue  # noqa: E402
 from hivemind.p2p import P2PContext, PeerID  # noqa: E402
 from hivemind.proto import averaging_pb2  # noqa: E402
+from hivemind.utils import MSGPackSerializer  # noqa: E402
 from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time  # noqa: E402
 
@@ -53,6 +57,10 @@ _KEPT_ROUNDS = 4
 """Own payloads (and groups) the averager process keeps for groupmates still downloading."""
 _GROUP_WAIT = 10.0
 """How long a payload request waits for this peer to learn the group it names."""
+_MATCHMAKING_POLL = 1.0
+"""Seconds between two reads of the group key while matchmaking. hivemind re-reads it as soon as
+its queue of potential leaders is empty, i.e. back to back for the whole matchmaking window on the
+peer that is the leader (about 100 DHT requests per peer and round, most of the round's bytes)."""
 
 
 @dataclass(frozen=True)
@@ -141,6 +149,10 @@ class _PayloadGatheringAverager(_StateSharingAverager):
         self._offered: OrderedDict[int, bytes] = OrderedDict()
         self._groups: OrderedDict[bytes, tuple[bytes, frozenset[PeerID]]] = OrderedDict()
         super().__init__(*args, **kwargs)
+
+    async def _step(self, **kwargs):
+        _pace_group_reads(self._matchmaking.group_key_manager, _MATCHMAKING_POLL)
+        return await super()._step(**kwargs)
 
     def offer_payload(self, round_: int, payload: bytes) -> None:
         """(Peer process) make ``payload`` this peer's part of the exchange of ``round_``."""
@@ -238,6 +250,42 @@ class _PayloadGatheringAverager(_StateSharingAverager):
         payload = entry[0]
         for start in range(0, len(payload), _CHUNK_BYTES):
             yield averaging_pb2.DownloadData(metadata=payload[start : start + _CHUNK_BYTES])
+
+
+def _pace_group_reads(key_manager, interval: float) -> None:
+    """(Averager process) make ``key_manager.get_averagers`` wait until ``interval`` seconds have
+    passed since its previous call: matchmaking then reads the DHT at most once per interval."""
+    if getattr(key_manager, "_barnraise_paced", False):
+        return
+    read, last = key_manager.get_averagers, [-float("inf")]
+
+    async def paced(*args, **kwargs):
+        wait = last[0] + interval - time.monotonic()
+        if wait > 0:
+            await asyncio.sleep(wait)
+        last[0] = time.monotonic()
+        return await read(*args, **kwargs)
+
+    key_manager.get_averagers = paced
+    key_manager._barnraise_paced = True
+
+
+async def _stored_value(_dht, node, key: str):
+    """(DHT process) the value of ``key`` in this node's own storage (not its cache), decoded."""
+    found = node.protocol.storage.get(DHTID.generate(source=key))
+    if found is None:
+        return None
+    try:
+        if isinstance(found.value, DictionaryDHTValue):
+            return {sub: MSGPackSerializer.loads(item.value) for sub, item in found.value.items()}
+        return MSGPackSerializer.loads(found.value)
+    except Exception:  # a value that does not decode is no value
+        return None
+
+
+async def _stored_expiration(_dht, node, key: str) -> float | None:
+    found = node.protocol.storage.get(DHTID.generate(source=key))
+    return None if found is None else float(found.expiration_time)
 
 
 class SwarmNode:
@@ -350,6 +398,19 @@ class SwarmNode:
                 if isinstance(item, ValueWithExpiration) and isinstance(item.value, bytes)
             }
         return value if isinstance(value, bytes) else None
+
+    def fetch_local(self, key: str) -> dict[str, bytes] | bytes | None:
+        """What this node itself stores for ``key`` (no network): the DHT keeps every value on its
+        ``num_replicas`` (5) nodes nearest to the key, so in a swarm of up to 5 nodes every node holds
+        every value, and in a larger one this is part of it, or nothing. Same shape as ``fetch``."""
+        value = self.dht.run_coroutine(partial(_stored_value, key=key))
+        if isinstance(value, dict):
+            return {str(sub): item for sub, item in value.items() if isinstance(item, bytes)}
+        return value if isinstance(value, bytes) else None
+
+    def stored_expiration(self, key: str) -> float | None:
+        """When the value of ``key`` that this node stores itself expires (Unix time), or None."""
+        return self.dht.run_coroutine(partial(_stored_expiration, key=key))
 
     def download_state(self, timeout: float) -> tuple[bytes, list[torch.Tensor]]:
         """The state a peer serves to joiners: (its signed progress bytes, its tensors)."""

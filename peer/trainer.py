@@ -1,4 +1,4 @@
-"""One peer's training: H inner AdamW steps, the outer gradient, the Nesterov outer step.
+"""One peer's training: H inner AdamW steps, the outer gradient, the outer step.
 
     round r:  x' = H AdamW steps from x_r (the round's start) on this peer's windows
               Δ  = x_r − x'                       (the outer gradient)
@@ -9,7 +9,9 @@ Synchronous rounds start at x_r = θ_r. Overlapped rounds (``averaging.overlap``
 next round before Δ̄ arrives, from θ_r − Δ (the consensus plus this peer's own progress not yet
 averaged: ``rebase``), and apply Δ̄ one round late; see docs/protocol.md, "Staleness".
 
-The inner AdamW state stays with the peer across rounds (as in DiLoCo).
+The inner AdamW state stays with the peer across rounds (as in DiLoCo); its learning rate
+follows the manifest's schedule (``TrainingConfig.inner_lr_at``) by the run's step count.
+With ``outer_momentum = 0`` the outer step is plain SGD: θ_{r+1} = θ_r − η·Δ̄.
 """
 
 from __future__ import annotations
@@ -76,10 +78,13 @@ class Trainer:
             parameter.copy_(flat[offset : offset + parameter.numel()].view_as(parameter))
             offset += parameter.numel()
 
-    def inner_steps(self, round: int, stop_requested=lambda: False, steps: int | None = None) -> InnerResult:
+    def inner_steps(self, round: int, stop_requested=lambda: False, steps: int | None = None,
+                    first_step: int | None = None) -> InnerResult:
         """Run round ``round``'s inner steps (H, or ``steps`` fewer) from x_r; returns the mean loss
-        (stops early if asked)."""
+        (stops early if asked). ``first_step`` is the run's inner-step count at the round's start,
+        which sets the learning rate (default round × H)."""
         training = self.config.training
+        first_step = round * training.inner_steps if first_step is None else first_step
         started, losses = time.monotonic(), []
         for step in range(min(training.inner_steps, steps or training.inner_steps)):
             if stop_requested():
@@ -88,6 +93,8 @@ class Trainer:
                 self.corpus, self.config.data, training.batch_size,
                 peer_id=self.peer_id, round=round, step=step,
             ).to(self.device)
+            for group in self.inner.param_groups:  # the run's schedule: every peer of a round agrees
+                group["lr"] = training.inner_lr_at(first_step + step)
             loss = batch_loss(self.model, windows)
             self.inner.zero_grad(set_to_none=True)
             loss.backward()

@@ -4,12 +4,15 @@ Every peer of a group ends the exchange holding every groupmate's compressed pay
 each one computes the group's update itself: records are decoded under the strict schema,
 each payload is checked against its record (codec, exact size, sha256) and the manifest
 (codec, vector length) and parsed (its content checked) without being decoded, and the
-weighted mean is accumulated in one canonical order (by Barnraise peer id) straight from the
-payloads into one float64 sum (``codecs.ParsedPayload.add_to``, then ``codecs.finish``): the
-same bits as ``codecs.aggregate`` over the decoded vectors, without building them. Groupmates
-that received the same payloads therefore hold bit-identical updates, and an update is by
-construction the mean of the decoded payloads that it names: there is no silent fallback to a
-peer's own values.
+weighted mean is taken in one canonical order (by Barnraise peer id) straight from the
+payloads. Two rules (``aggregation``): ``"mean"`` divides every coordinate by all accepted
+members' weight (the bits of ``codecs.aggregate`` over the decoded vectors), ``"senders"``
+divides it by the weight of the members whose payload kept it. A dense codec's payloads are
+added into one float64 sum (``codecs.ParsedPayload.add_to``, then ``codecs.finish``); a
+sparse codec's kept entries are added span by span into cache-sized float64 sums, with no
+dense float64 vector. Groupmates that received the same payloads therefore hold
+bit-identical updates, and an update is by construction the mean of the decoded payloads that
+it names: there is no silent fallback to a peer's own values.
 """
 
 from __future__ import annotations
@@ -17,15 +20,20 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
+import numpy as np
 import torch
 
+from protocol import codec_core as core
 from protocol.codecs import Codec, ParsedPayload, finish, parse_payload, payload_size
-from protocol.errors import MalformedRecord
+from protocol.errors import ConfigError, InputError, MalformedRecord
 from protocol.wire import PROTOCOL_VERSION, Field, check_fields, is_hex
 
-__all__ = ["GroupMember", "GroupUpdate", "combine"]
+__all__ = ["Aggregation", "GroupMember", "GroupUpdate", "combine"]
+
+Aggregation = Literal["mean", "senders"]
+"""How a coordinate is averaged: over every accepted member, or over those that kept it."""
 
 _MAX_CODEC_NAME = 64
 
@@ -80,13 +88,17 @@ class GroupUpdate:
     """The group's update for one round, and who is in it."""
 
     update: torch.Tensor
-    """Weighted mean of the accepted members' decoded payloads (float32, [numel])."""
+    """The accepted members' decoded payloads combined under the aggregation rule (float32,
+    [numel]); see ``combine``."""
     members: tuple[GroupMember, ...]
     """Accepted members, in the canonical order they were summed in."""
     rejected: tuple[str, ...]
     """One line per groupmate left out, saying why."""
     other_bases: tuple[str, ...] = ()
     """The consensus roots of valid members left out for holding another consensus than ours."""
+    touched: int = 0
+    """Diagnostics: coordinates some accepted payload lists (all of them for a dense codec);
+    every other coordinate of the update is 0."""
 
 
 def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
@@ -107,7 +119,7 @@ def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
 
 
 def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int,
-            max_weight: float, base_root: str) -> GroupUpdate:
+            max_weight: float, base_root: str, aggregation: Aggregation = "mean") -> GroupUpdate:
     """The group's update from untrusted (record, payload) pairs; bad ones are left out, named.
 
     ``max_weight`` bounds a member's claimed weight (the samples one round can hold), so no
@@ -116,12 +128,22 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
 
     First every entry is checked in full (record, payload bytes, payload content), in the order
     given: a bad one is rejected, and of two usable entries for one peer id the later one is.
-    Only then are the accepted payloads summed, in ascending peer-id order, into one float64
-    vector that starts at zeros: ``sum += float64(decoded) * weight`` per payload, then
-    ``sum / (the weights added in the same order)``, rounded once to float32. That is exactly
-    ``aggregate`` over the decoded vectors in peer-id order; a rejected payload never touches
-    the sum. Raises ``MalformedRecord`` when no entry is usable.
+    Only then are the accepted payloads summed; a rejected payload never touches the sum.
+    Raises ``MalformedRecord`` when no entry is usable, ``InputError`` when the accepted
+    weights add up to more than a float64 holds.
+
+    The arithmetic, per coordinate i, members in ascending peer-id order, all in float64:
+    ``sum = 0.0``, then ``sum += float64(x_m[i]) * w_m`` for each member m that lists i;
+    ``weight = 0.0``, then ``weight += w_m`` for the same members (``"senders"``) or for every
+    accepted member (``"mean"``); the update is ``float32(sum / weight)``, one division and one
+    rounding, and 0 where no member lists i. A dense codec lists every coordinate; a sparse
+    one (top-k, block max) lists the entries it kept, whatever their value (0 included). So
+    ``"mean"`` is exactly ``codecs.aggregate`` over the decoded vectors in peer-id order (an
+    entry a payload does not list decodes as +0.0 and adding it changes nothing), and for a
+    dense codec ``"senders"`` equals ``"mean"``.
     """
+    if aggregation not in ("mean", "senders"):
+        raise ConfigError(f"combine: aggregation {aggregation!r} is not 'mean' or 'senders'")
     accepted: dict[str, tuple[GroupMember, ParsedPayload]] = {}
     rejected: list[str] = []
     other_bases: list[str] = []
@@ -142,9 +164,64 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     if not accepted:
         raise MalformedRecord("no groupmate's payload was usable: " + "; ".join(rejected[:3]))
     members = [accepted[key][0] for key in sorted(accepted)]
-    total = torch.zeros(numel, dtype=torch.float64)
-    for member in members:
-        accepted[member.peer_id][1].add_to(total, member.weight)
-    update = finish(total, sum(member.weight for member in members))
-    return GroupUpdate(update, tuple(members), tuple(rejected), tuple(other_bases))
+    parsed_payloads = [accepted[member.peer_id][1] for member in members]
+    weights = [member.weight for member in members]
+    if codec.sparse:
+        update, touched = _sparse_mean(parsed_payloads, weights, numel, aggregation)
+    else:
+        total = torch.zeros(numel, dtype=torch.float64)
+        for parsed, weight in zip(parsed_payloads, weights, strict=True):
+            parsed.add_to(total, weight)
+        update, touched = finish(total, sum(weights)), numel
+    return GroupUpdate(update, tuple(members), tuple(rejected), tuple(other_bases), touched)
 
+
+def _sparse_mean(payloads: list[ParsedPayload], weights: list[float], numel: int,
+                 aggregation: Aggregation) -> tuple[torch.Tensor, int]:
+    """(update, touched) from sparse payloads (see ``combine`` for the arithmetic).
+
+    The work follows the listed entries only, window by window (``ParsedPayload.entries``): a
+    float64 sum per coordinate of the window (and the senders' weight), 0.0 where nothing was
+    added yet, gets each member's products at its listed positions, members in the given order
+    (positions are unique within a member, ascending, so each pass sweeps the window in order);
+    then the listed coordinates of the update are written, one division per coordinate, and
+    just those sums are set back to 0.0. The work is done span by span (``SUM_SLICE``
+    elements), so the sums stay in cache; nothing is done per unlisted coordinate but the
+    update's initial zeros.
+    """
+    total = sum(weights)  # left to right, like the products
+    if not np.isfinite(total):
+        raise InputError("combine: the weights add up to more than a float64 holds")
+    span, window = core.SUM_SLICE, payloads[0].window
+    sums = np.zeros(span)
+    # "senders": a coordinate is listed iff its senders' weight is > 0 (every weight is > 0)
+    listed = np.zeros(span) if aggregation == "senders" else np.zeros(span, dtype=bool)
+    update = torch.zeros(numel)  # written now: cheaper than faulting pages in on scattered stores
+    out = update.numpy()
+    touched = 0
+    for number, members in enumerate(zip(*(payload.entries() for payload in payloads), strict=True)):
+        first = number * window
+        stop = min(first + window, numel)
+        starts = range(first, stop, span)
+        cuts = [np.searchsorted(positions, [*starts, stop]) for positions, _ in members]
+        products = [values.astype(np.float64) * weight for (_, values), weight in zip(members, weights, strict=True)]
+        for part, start in enumerate(starts):
+            ats = []
+            for (positions, _), product, weight, cut in zip(members, products, weights, cuts, strict=True):
+                at = positions[cut[part] : cut[part + 1]] - start
+                sums[at] += product[cut[part] : cut[part + 1]]
+                if aggregation == "senders":
+                    listed[at] += weight
+                else:
+                    listed[at] = True
+                ats.append(at)
+            at = np.concatenate(ats)  # a coordinate listed by several members appears several times
+            if not len(at):
+                continue
+            divisor = listed[at] if aggregation == "senders" else total
+            # the float64 quotient, rounded once to float32 as it is stored
+            out[start + at] = sums[at] / divisor
+            touched += int(np.count_nonzero(listed))
+            sums[at] = 0.0
+            listed[at] = 0
+    return update, touched

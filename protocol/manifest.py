@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 import math
 import tomllib
 import typing
@@ -91,7 +92,7 @@ class DataSpec:
 class TrainingConfig:
     """Inner (local AdamW) and outer (averaged Nesterov SGD) optimisation."""
 
-    inner_steps: int = 25
+    inner_steps: int = 15
     """H: local AdamW steps between two averaging rounds."""
     batch_size: int = 16
     """Windows per inner step on each peer."""
@@ -103,12 +104,24 @@ class TrainingConfig:
     """AdamW betas."""
     grad_clip: float = 1.0
     """Gradient-norm clip for inner steps (0 disables)."""
-    outer_lr: float = 0.7
+    outer_lr: float = 1.0
     """Learning rate of the outer step on the averaged outer gradient."""
-    outer_momentum: float = 0.9
-    """Momentum of the outer step."""
-    nesterov: bool = True
+    outer_momentum: float = 0.0
+    """Momentum of the outer step (0: plain outer SGD)."""
+    nesterov: bool = False
     """Nesterov momentum for the outer step."""
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    """Inner learning rate over the run: ``constant``, or ``cosine`` (linear warmup over
+    ``warmup_steps``, then a cosine from ``inner_lr`` down to ``min_lr_ratio × inner_lr`` at
+    ``total_steps``, and flat after it). Steps count a peer's inner steps since the run began:
+    round × ``inner_steps`` + step, so every peer of a round uses the same rates."""
+    warmup_steps: int = 0
+    """Inner steps of linear warmup at the start of the run (0: none)."""
+    total_steps: int = 0
+    """Cosine: the inner step at which the rate reaches its floor (the planned run length in
+    inner steps); must exceed ``warmup_steps``. Unused with ``constant``."""
+    min_lr_ratio: float = 0.1
+    """Cosine: the floor, as a fraction of ``inner_lr``."""
 
     def __post_init__(self) -> None:
         _require(self.inner_steps > 0, "training.inner_steps must be positive")
@@ -119,15 +132,40 @@ class TrainingConfig:
         _require(self.grad_clip >= 0, "training.grad_clip must be non-negative")
         _require(self.outer_lr > 0, "training.outer_lr must be positive")
         _require(0 <= self.outer_momentum < 1, "training.outer_momentum must lie in [0, 1)")
+        _require(self.lr_schedule in ("constant", "cosine"), "training.lr_schedule must be 'constant' or 'cosine'")
+        _require(self.warmup_steps >= 0, "training.warmup_steps must be non-negative")
+        _require(0 <= self.min_lr_ratio <= 1, "training.min_lr_ratio must lie in [0, 1]")
+        if self.lr_schedule == "cosine":
+            _require(self.total_steps > self.warmup_steps, "training.total_steps must exceed training.warmup_steps")
+        else:
+            _require(self.total_steps >= 0, "training.total_steps must be non-negative")
+
+    def inner_lr_at(self, step: int) -> float:
+        """The inner learning rate at inner step ``step`` of the run (round × H + step in round)."""
+        if step < self.warmup_steps:
+            return self.inner_lr * (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return self.inner_lr
+        progress = min(1.0, (step - self.warmup_steps) / (self.total_steps - self.warmup_steps))
+        floor = self.min_lr_ratio * self.inner_lr
+        return floor + (self.inner_lr - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 @dataclass(frozen=True, kw_only=True)
 class AveragingConfig:
     """How outer gradients are compressed, exchanged and averaged among a round's group."""
 
-    codec: str = "topk-c4096-k64-q2"
+    codec: str = "bmax-c4096-b64-s2"
     """Wire codec of each peer's outer gradient (``protocol.codecs``): ``fp16``, ``int8-b<B>``
     or ``topk-c<C>-k<K>-q<Q>``; what the codec drops is carried to the next round (error feedback)."""
+    error_feedback_decay: float = 0.95
+    """β of error feedback: a peer compresses ``β × residual + Δ`` and keeps what the codec
+    dropped as its new residual. 1.0 is plain error feedback; below 1 the residual decays, and
+    acts as the outer momentum (SparseLoCo)."""
+    aggregation: Literal["mean", "senders"] = "senders"
+    """How the group's payloads are combined, per coordinate: ``mean`` divides the weighted sum
+    by the weights of every member; ``senders`` by the weights of the members whose payload
+    kept that coordinate (the same for dense codecs)."""
     overlap: bool = False
     """Start the next round's inner steps while this round's exchange is in flight and apply its
     update one round late; False (the default, see docs/benchmarks.md) waits for each exchange
@@ -147,6 +185,8 @@ class AveragingConfig:
             parse_codec(self.codec)
         except ConfigError as error:
             raise ConfigError(f"averaging.codec: {error}") from None
+        _require(0 <= self.error_feedback_decay <= 1, "averaging.error_feedback_decay must lie in [0, 1]")
+        _require(self.aggregation in ("mean", "senders"), "averaging.aggregation must be 'mean' or 'senders'")
         _require(self.min_group_size >= 2, "averaging.min_group_size must be at least 2")
         _require(
             self.target_group_size >= self.min_group_size,
@@ -271,6 +311,24 @@ class RunConfig:
             raise ConfigError("[run] must hold exactly one key: name")
         sections = {name: _section(cls_, doc.get(name, {}), name, complete=False) for name, cls_ in _SECTIONS.items()}
         return cls(name=run["name"], **sections)
+
+    def to_toml(self) -> str:
+        """RUN.toml text with every key written out; ``from_toml`` reads back an equal config."""
+        lines = ["[run]", f"name = {json.dumps(self.name)}"]
+        for name in _SECTIONS:
+            lines += ["", f"[{name}]"]
+            lines += [f"{key} = {_toml_value(value)}" for key, value in _section_wire(getattr(self, name)).items()]
+        return "\n".join(lines) + "\n"
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    if isinstance(value, str):
+        return json.dumps(value)  # a JSON string of printable text is a TOML basic string
+    return repr(value)  # ints, and finite floats (repr round-trips; TOML reads 1e-05 and 0.7)
 
 
 @dataclass(frozen=True, kw_only=True)

@@ -3,9 +3,12 @@
     PYTHONPATH=. python scripts/bench_round.py --quick            # N = 5M, 1 measured round
     PYTHONPATH=. python scripts/bench_round.py                    # N = 100M, 1 warm-up + 3 rounds
     PYTHONPATH=. python scripts/bench_round.py --codec int8-b256 fp16 --contenders barnraise memcpy
+    PYTHONPATH=. python scripts/bench_round.py --codec bmax-c4096-b64-s2 topk-c4096-k64-s2 \
+        topk-c4096-k64-q2 --aggregation senders --contenders barnraise memcpy
 
 Barnraise's round vs hivemind's bare DecentralizedAverager vs the memcpy bound for the same
-bytes (``bench.round_bench`` says what each measures). Prints a table and one JSON line
+bytes (``bench.round_bench`` says what each measures); one Barnraise row and one memcpy row
+per codec, all combined under one ``--aggregation`` rule. Prints a table and one JSON line
 ``{"bench": "round", ...}``; exits 1 if a contender's check failed.
 """
 
@@ -36,6 +39,8 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--rounds", type=int, default=None, help="measured rounds (default 3; --quick: 1)")
     parser.add_argument("--warmup", type=int, default=1, help="warm-up rounds, not measured")
     parser.add_argument("--codec", nargs="+", default=[AveragingConfig().codec], help="Barnraise codecs to run")
+    parser.add_argument("--aggregation", choices=["mean", "senders"], default="mean",
+                        help="Barnraise's combine: mean over all peers, or over the peers that kept each coordinate")
     parser.add_argument("--contenders", nargs="+", choices=["barnraise", "hivemind", "memcpy"],
                         default=["barnraise", "hivemind", "memcpy"])  # fmt: skip
     parser.add_argument("--workdir", type=Path, default=None, help="keep rank logs here (default: a temporary folder)")
@@ -43,13 +48,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _table(reports: list[ContenderReport]) -> str:
-    header = (f"{'contender':<32} {'s/round (median)':>16} {'eff. GB/s (4N B / s)':>21} "
+    header = (f"{'contender':<40} {'s/round (median)':>16} {'eff. GB/s (4N B / s)':>21} "
               f"{'lo bytes/peer/round':>20} {'expected':>14}  split encode / exchange / decode+combine s")  # fmt: skip
     lines = [header, "-" * len(header)]
     for report in reports:
         sent = "-" if report.bytes_per_peer_round is None else f"{report.bytes_per_peer_round:,.0f}"
         split = " / ".join(f"{v:.3f}" for v in report.split.values()) if report.split else ""
-        lines.append(f"{report.name:<32} {report.seconds:>16.4f} {report.effective_gbps:>21.3f} "
+        lines.append(f"{report.name:<40} {report.seconds:>16.4f} {report.effective_gbps:>21.3f} "
                      f"{sent:>20} {report.expected_bytes_per_peer_round:>14,.0f}  {split}")  # fmt: skip
     lines.append("")
     lines.extend(f"{report.name}: {report.check}" for report in reports)
@@ -63,7 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     numel = args.size or (QUICK_NUMEL if args.quick else FULL_NUMEL)
     rounds = args.rounds or (1 if args.quick else 3)
     try:
-        spec = RoundSpec(numel=numel, rounds=rounds, warmup=args.warmup)
+        spec = RoundSpec(numel=numel, rounds=rounds, warmup=args.warmup, aggregation=args.aggregation)
         with tempfile.TemporaryDirectory(prefix="bench-round-") as scratch:
             reports = run_round_bench(spec, args.codec, args.workdir or Path(scratch), args.contenders)
     except BarnraiseError as error:

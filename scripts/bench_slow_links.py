@@ -30,13 +30,14 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.barnraise_contender import Variant, run_barnraise  # noqa: E402
+from bench.barnraise_contender import run_barnraise  # noqa: E402
 from bench.dataparallel import run_dataparallel  # noqa: E402
 from bench.hivemind_baseline import run_hivemind  # noqa: E402
 from bench.netns import SlowLinks, measure_mbit  # noqa: E402
+from bench.recipe import Recipe, parse_recipe  # noqa: E402
 from bench.task import TaskSpec  # noqa: E402
 from protocol.errors import BarnraiseError  # noqa: E402
-from protocol.manifest import AveragingConfig, DataSpec, ModelConfig  # noqa: E402
+from protocol.manifest import DataSpec, ModelConfig  # noqa: E402
 
 __all__ = ["CONTENDERS", "time_to_target", "main"]
 
@@ -53,12 +54,12 @@ def _task(args: argparse.Namespace) -> TaskSpec:
     return TaskSpec(steps=args.steps, peers=args.peers, eval_windows=256, curve_points=args.curve_points)
 
 
-def _run_barnraise(spec: TaskSpec, variant: Variant, links: SlowLinks, workdir: Path, timeout_s: float) -> dict:
-    return run_barnraise(spec, variant, workdir, launcher=links.launcher, host_ips=links.peer_ips,
+def _run_barnraise(spec: TaskSpec, recipe: Recipe, links: SlowLinks, workdir: Path, timeout_s: float) -> dict:
+    return run_barnraise(spec, recipe, workdir, launcher=links.launcher, host_ips=links.peer_ips,
                          coordinator_ip=links.host_ip, timeout_s=timeout_s)  # fmt: skip
 
 
-def _run(name: str, spec: TaskSpec, variant: Variant, links: SlowLinks, workdir: Path, timeout_s: float) -> dict:
+def _run(name: str, spec: TaskSpec, recipe: Recipe, links: SlowLinks, workdir: Path, timeout_s: float) -> dict:
     """One contender over the links: its summary, curve in seconds since its start, bytes per peer."""
     before = links.peer_bytes()
     if name == "dp":
@@ -69,7 +70,7 @@ def _run(name: str, spec: TaskSpec, variant: Variant, links: SlowLinks, workdir:
     elif name == "hivemind":
         result = run_hivemind(spec, workdir, launcher=links.launcher, host_ip=links.peer_ips, timeout_s=timeout_s)
     else:
-        result = _run_barnraise(spec, variant, links, workdir, timeout_s)
+        result = _run_barnraise(spec, recipe, links, workdir, timeout_s)
     moved = [after - start for after, start in zip(links.peer_bytes(), before, strict=True)]
     result["bytes_per_peer"] = sum(count.total for count in moved) / len(moved)
     return result
@@ -89,7 +90,7 @@ def _with_final(result: dict[str, Any]) -> list[dict[str, Any]]:
     return curve
 
 
-def _one_rate(rate: float, args: argparse.Namespace, spec: TaskSpec, variant: Variant, root: Path) -> dict:
+def _one_rate(rate: float, args: argparse.Namespace, spec: TaskSpec, recipe: Recipe, root: Path) -> dict:
     """Every chosen contender at one link rate (0: unshaped); a failed contender is reported, not fatal."""
     row: dict[str, Any] = {"rate_mbit": rate or None, "contenders": {}}
     with SlowLinks(spec.peers, rate or None) as links:
@@ -97,7 +98,7 @@ def _one_rate(rate: float, args: argparse.Namespace, spec: TaskSpec, variant: Va
         for name in args.contenders:
             print(f"[bench] rate {rate or 'unshaped'}: {name} ...", file=sys.stderr, flush=True)
             try:
-                row["contenders"][name] = _run(name, spec, variant, links, root / f"r{rate:g}-{name}", args.timeout)
+                row["contenders"][name] = _run(name, spec, recipe, links, root / f"r{rate:g}-{name}", args.timeout)
             except BarnraiseError as error:
                 print(f"[bench] {name} at {rate} Mbit/s failed: {error}", file=sys.stderr, flush=True)
                 row["contenders"][name] = {"error": str(error)}
@@ -144,9 +145,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=None, help="global steps (default 600; quick: 20)")
     parser.add_argument("--peers", type=int, default=None, help="peers (default 4; quick: 2)")
     parser.add_argument("--contenders", nargs="+", choices=CONTENDERS, default=None)
-    parser.add_argument("--variant", default="default", help="name of Barnraise's variant in the report")
-    parser.add_argument("--inner-steps", type=int, default=None, help="Barnraise's H (default 50; quick: 5)")
-    parser.add_argument("--codec", default=AveragingConfig().codec, help="Barnraise's wire codec")
+    parser.add_argument("--recipe", type=parse_recipe, default=None,
+                        help="Barnraise's recipe NAME[:H[:CODEC]][:key=value...] (bench/recipe.py; default: the"
+                             " manifest's defaults, H 5 with --quick)")
     parser.add_argument("--target", type=float, default=None, help="absolute target held-out loss")
     parser.add_argument("--target-margin", type=float, default=0.02, help="target = dp final loss x (1 + this)")
     parser.add_argument("--curve-points", type=int, default=20, help="held-out evaluations during a run")
@@ -161,7 +162,7 @@ def _defaults(args: argparse.Namespace, parser: argparse.ArgumentParser) -> argp
     args.steps = args.steps or (20 if quick else 600)
     args.peers = args.peers or (2 if quick else 4)
     args.contenders = args.contenders or (["dp", "barnraise"] if quick else list(CONTENDERS))
-    args.inner_steps = args.inner_steps or (5 if quick else 50)
+    args.recipe = args.recipe or parse_recipe("default:5" if quick else "default")
     args.timeout = args.timeout or (150.0 if quick else 3600.0)
     if args.target is None and "dp" not in args.contenders:
         parser.error("without dp among --contenders the target needs --target")
@@ -176,14 +177,14 @@ def main(argv: list[str] | None = None) -> None:
     args = _defaults(parser.parse_args(argv), parser)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # so the namespaces are torn down
     spec = _task(args)
-    variant = Variant(name=args.variant, inner_steps=args.inner_steps, codec=args.codec)
+    recipe = args.recipe
     with tempfile.TemporaryDirectory(prefix="bench-slow-links-") as scratch:
         # A fresh folder per invocation: a coordinator must not find an earlier run's ledger.
         root = args.workdir / time.strftime("run-%Y%m%d-%H%M%S") if args.workdir else Path(scratch)
-        rows = [_one_rate(rate, args, spec, variant, root) for rate in args.rates]
+        rows = [_one_rate(rate, args, spec, recipe, root) for rate in args.rates]
     print(_table(rows))
     print(json.dumps({"bench": "slow_links", "peers": spec.peers, "steps": spec.steps, "task": spec.to_dict(),
-                      "variant": variant.__dict__, "quick": args.quick, "rates": rows}))  # fmt: skip
+                      "recipe": recipe.to_dict(), "quick": args.quick, "rates": rows}))  # fmt: skip
 
 
 if __name__ == "__main__":

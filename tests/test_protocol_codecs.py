@@ -21,7 +21,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol import codecs
+from protocol import codec_core
 from protocol.codecs import (
     HEADER_SIZE,
     Codec,
@@ -225,7 +225,7 @@ def test_payload_does_not_depend_on_the_slice_size(monkeypatch, name, numel):
     payload = encode(name, x)
     decoded = decode(payload, name, numel)
     bound = parse_codec(name).max_abs_error(x)
-    monkeypatch.setattr(codecs, "_SLICE", 1024)  # 8 x the largest chunk here: byte-aligned slices
+    monkeypatch.setattr(codec_core, "SLICE", 1024)  # 8 x the largest chunk here: byte-aligned slices
     assert encode(name, x) == payload
     assert torch.equal(decode(payload, name, numel), decoded)
     assert torch.equal(parse_codec(name).max_abs_error(x), bound)
@@ -602,13 +602,13 @@ def test_accumulate_matches_aggregate_across_slices(monkeypatch, name, numel):
     weights = [1.0, 0.1, 7.0, 3.5]
     expected = aggregate([decode(payload, name, numel) for payload in payloads], weights)
     assert torch.equal(bits(summed(payloads, name, numel, weights)), bits(expected))
-    monkeypatch.setattr(codecs, "_SLICE", 1024)  # byte-aligned top-k slices, as above
-    monkeypatch.setattr(codecs, "_SUM_SLICE", 256)  # a multiple of the blocks here
+    monkeypatch.setattr(codec_core, "SLICE", 1024)  # byte-aligned top-k slices, as above
+    monkeypatch.setattr(codec_core, "SUM_SLICE", 256)  # a multiple of the blocks here
     assert torch.equal(bits(summed(payloads, name, numel, weights)), bits(expected))
 
 
 def test_accumulate_at_full_slice_sizes():
-    numel = 2 * codecs._SUM_SLICE + 4097  # three sums' slices; the last chunk and block short
+    numel = 2 * codec_core.SUM_SLICE + 4097  # three sums' slices; the last chunk and block short
     generator = torch.Generator().manual_seed(2)
     vectors = [torch.randn(numel, generator=generator) for _ in range(3)]
     for name in ("fp16", "int8-b256", "topk-c4096-k64-q2"):
@@ -638,8 +638,8 @@ def late_faults(numel: int) -> dict[str, tuple[str, bytes]]:
 @pytest.mark.parametrize("slices", [False, True])
 def test_a_payload_bad_near_its_end_leaves_the_sum_untouched(monkeypatch, slices):
     if slices:  # the fault is in the last of several slices
-        monkeypatch.setattr(codecs, "_SLICE", 1024)
-        monkeypatch.setattr(codecs, "_SUM_SLICE", 256)
+        monkeypatch.setattr(codec_core, "SLICE", 1024)
+        monkeypatch.setattr(codec_core, "SUM_SLICE", 256)
     for what, (name, payload) in late_faults(3000).items():
         out = torch.randn(3000, dtype=torch.float64)
         before = out.clone()
@@ -694,6 +694,26 @@ def test_parsed_payload_decodes_and_adds_like_the_functions():
     out = torch.zeros(200, dtype=torch.float64)
     parsed.add_to(out, 3.0)
     assert torch.equal(out, parsed.decode().double() * 3.0)
+
+
+@pytest.mark.parametrize("name", ["fp16", "int8-b16", "topk-c64-k4-q2", "topk-c64-k4-s2", "bmax-c64-b8-f32"])
+@pytest.mark.parametrize("slices", [False, True])
+def test_entries_list_positions_in_order_with_their_decoded_values(monkeypatch, name, slices):
+    if slices:
+        monkeypatch.setattr(codec_core, "SLICE", 1024)
+    numel = 3000
+    parsed = parse_payload(encode(name, torch.randn(numel, generator=torch.Generator().manual_seed(1))), name, numel)
+    pairs = list(parsed.entries())
+    positions = np.concatenate([p for p, _ in pairs])
+    values = np.concatenate([v for _, v in pairs])
+    assert positions.dtype == np.int64 and values.dtype == np.float32 and (np.diff(positions) > 0).all()
+    decoded = parsed.decode().numpy()
+    assert np.array_equal(values.view(np.int32), decoded[positions].view(np.int32))
+    if parsed.sparse:  # every element not listed decodes as 0
+        assert not np.delete(decoded, positions).any() and len(positions) < numel
+    else:  # a dense codec lists every element
+        assert positions.tolist() == list(range(numel))
+    assert len(pairs) == (-(-numel // 1024) if slices else 1)
 
 
 def group_entry(peer: int, weight: float, payload: bytes, codec: Codec) -> tuple[dict, bytes]:

@@ -45,7 +45,8 @@ def manifest_of(config: RunConfig, **overrides) -> RunManifest:
     return RunManifest(**fields)
 
 
-# Every field differs from its default, and each one alone still makes a valid config.
+# Every field differs from its default, and each one alone still makes a valid config (but for
+# lr_schedule = "cosine", which needs total_steps).
 ALTERNATIVE = {
     "model": {"vocab_size": 512, "n_positions": 256, "n_embd": 256, "n_layer": 3, "n_head": 8, "init_seed": 1},
     "data": {"seq_len": 64, "heldout_percent": 10, "eval_windows": 32, "seed": 1},
@@ -58,10 +59,16 @@ ALTERNATIVE = {
         "grad_clip": 0.5,
         "outer_lr": 0.5,
         "outer_momentum": 0.8,
-        "nesterov": False,
+        "nesterov": True,
+        "lr_schedule": "cosine",
+        "warmup_steps": 5,
+        "total_steps": 1000,
+        "min_lr_ratio": 0.05,
     },
     "averaging": {
         "codec": "int8-b256",
+        "error_feedback_decay": 0.9,
+        "aggregation": "mean",
         "overlap": True,
         "target_group_size": 8,
         "min_group_size": 3,
@@ -104,19 +111,23 @@ def test_minimal_toml_gives_the_documented_defaults():
     )
     assert config.data == DataSpec(corpus="python-stdlib", seq_len=128, heldout_percent=5, eval_windows=64, seed=0)
     assert config.training == TrainingConfig(
-        inner_steps=25,
+        inner_steps=15,
         batch_size=16,
         inner_lr=3e-3,
         inner_weight_decay=0.01,
         inner_betas=(0.9, 0.95),
         grad_clip=1.0,
-        outer_lr=0.7,
-        outer_momentum=0.9,
-        nesterov=True,
+        outer_lr=1.0,
+        outer_momentum=0.0,
+        nesterov=False,
+        lr_schedule="constant",
+        warmup_steps=0,
+        total_steps=0,
+        min_lr_ratio=0.1,
     )
     assert config.averaging == AveragingConfig(
-        codec="topk-c4096-k64-q2", overlap=False, target_group_size=4, min_group_size=2, matchmaking_seconds=3.0,
-        round_deadline_seconds=30.0
+        codec="bmax-c4096-b64-s2", error_feedback_decay=0.95, aggregation="senders", overlap=False,
+        target_group_size=4, min_group_size=2, matchmaking_seconds=3.0, round_deadline_seconds=30.0
     )
     assert config.checkpoints == CheckpointConfig(every_rounds=5)
 
@@ -187,6 +198,10 @@ def test_unknown_tables_and_keys_are_named(text, match):
         ("averaging", 'codec = "topk-c4096-k8192-q2"', r"averaging\.codec: .*'topk-c4096-k8192-q2'.*"),
         ("averaging", "codec = 16", r"averaging\.codec: 16 is not a valid str"),
         ("averaging", 'overlap = "yes"', r"averaging\.overlap: 'yes' is not a valid bool"),
+        ("averaging", 'aggregation = "median"', r"averaging\.aggregation: 'median' is not a valid choice"),
+        ("averaging", 'error_feedback_decay = "1"', r"averaging\.error_feedback_decay: '1' is not a valid float"),
+        ("training", 'lr_schedule = "linear"', r"training\.lr_schedule: 'linear' is not a valid choice"),
+        ("training", "warmup_steps = 1.5", r"training\.warmup_steps: 1\.5 is not a valid int"),
         ("averaging", "round_deadline_seconds = inf", r"averaging\.round_deadline_seconds: inf is not a valid float"),
         ("checkpoints", "every_rounds = 1979-05-27", r"checkpoints\.every_rounds: .* is not a valid int"),
     ],
@@ -222,6 +237,12 @@ def test_wrong_types_are_named(section, line, match):
         ("training", "outer_lr = 0", r"training\.outer_lr must be positive"),
         ("training", "outer_momentum = 1.0", r"training\.outer_momentum must lie in \[0, 1\)"),
         ("training", "outer_momentum = -0.5", r"training\.outer_momentum must lie in \[0, 1\)"),
+        ("training", "warmup_steps = -1", r"training\.warmup_steps must be non-negative"),
+        ("training", "total_steps = -1", r"training\.total_steps must be non-negative"),
+        ("training", 'lr_schedule = "cosine"', r"training\.total_steps must exceed training\.warmup_steps"),
+        ("training", "min_lr_ratio = 1.5", r"training\.min_lr_ratio must lie in \[0, 1\]"),
+        ("averaging", "error_feedback_decay = 1.01", r"averaging\.error_feedback_decay must lie in \[0, 1\]"),
+        ("averaging", "error_feedback_decay = -0.1", r"averaging\.error_feedback_decay must lie in \[0, 1\]"),
         ("averaging", "min_group_size = 1", r"averaging\.min_group_size must be at least 2"),
         ("averaging", "min_group_size = 5", r"averaging\.target_group_size must be at least averaging\.min_group_size"),
         ("averaging", "matchmaking_seconds = 0", r"averaging\.matchmaking_seconds must be positive"),
@@ -258,8 +279,8 @@ def test_config_errors_are_input_errors():
 # Manifest: wire form, run id, signature
 # ---------------------------------------------------------------------------------------
 
-RUN_ID_KAT = "b635a3694ef4a095"
-SIGNATURE_KAT = "983371f0903888a790a9512d2aff829afb5e82f1b803ca0610ee2b1c1c8e4c19e3024ff9b6f1ee278b4597e5353edc30756c7d3cb3319a9d579be4a80ff51a0c"
+RUN_ID_KAT = "11a14624874a87be"
+SIGNATURE_KAT = "4dc8cf6d916fe23f2e9f412b4e76e15edec185962f48cb5ed07e8253286a3b8b0d92f9cab2925f13093f94162ef9a050b4763e9ca4a96fcb2e4e71e8633a7d0b"
 
 
 def test_manifest_known_answers():
@@ -311,7 +332,8 @@ def _edits() -> list[tuple[tuple[str, ...], object]]:
         (("created_at",), 1700000001.0),
     ]
     for section, values in ALTERNATIVE.items():
-        edits.extend(((section, key), value) for key, value in values.items())
+        # a cosine schedule alone (total_steps 0) is refused before signing; total_steps stands for it
+        edits.extend(((section, key), value) for key, value in values.items() if key != "lr_schedule")
     return edits
 
 
@@ -549,3 +571,22 @@ def test_manifest_round_trips_through_wire_and_bytes(config, created_at, genesis
 def test_config_round_trips_through_toml(config):
     sections = {name: dataclasses.asdict(getattr(config, name)) for name in SECTIONS}
     assert RunConfig.from_toml(to_toml(config.name, sections)) == config
+
+
+def test_the_inner_learning_rate_follows_warmup_then_cosine():
+    training = TrainingConfig(inner_lr=1.0, lr_schedule="cosine", warmup_steps=4, total_steps=104, min_lr_ratio=0.1)
+    assert [training.inner_lr_at(s) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
+    assert training.inner_lr_at(4) == 1.0
+    assert training.inner_lr_at(54) == pytest.approx(0.55)  # halfway down the cosine: (1 + 0.1) / 2
+    assert training.inner_lr_at(104) == pytest.approx(0.1) and training.inner_lr_at(10**6) == pytest.approx(0.1)
+    constant = TrainingConfig(inner_lr=0.5, warmup_steps=2)
+    assert [constant.inner_lr_at(s) for s in (0, 1, 2, 10**6)] == [0.25, 0.5, 0.5, 0.5]
+
+
+def test_to_toml_writes_every_key_and_reads_back_equal():
+    config = RunConfig.from_toml(to_toml("full-run_2", ALTERNATIVE))
+    text = config.to_toml()
+    assert RunConfig.from_toml(text) == config
+    for values in ALTERNATIVE.values():
+        for key in values:
+            assert f"\n{key} = " in text

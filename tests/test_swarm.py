@@ -53,18 +53,21 @@ VECTOR_SIZE = 100_000
 CODEC = "topk-c1024-k32-q2"
 
 
-def _exchange_manifest():
+def _exchange_manifest(aggregation: str = "mean", decay: float = 1.0):
     config = RunConfig(name="exchange", averaging=AveragingConfig(
-        codec=CODEC, target_group_size=EXCHANGE_PEERS, min_group_size=EXCHANGE_PEERS, matchmaking_seconds=2.0))
+        codec=CODEC, target_group_size=EXCHANGE_PEERS, min_group_size=EXCHANGE_PEERS, matchmaking_seconds=2.0,
+        aggregation=aggregation, error_feedback_decay=decay))
     return RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=0.0)
 
 
-def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path):
+@pytest.mark.parametrize(("aggregation", "decay"), [("mean", 1.0), ("senders", 0.95)])
+def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path, aggregation, decay):
     """4 SwarmNodes on loopback run the peer's exchange (codec, error feedback, all-gather, combine)
-    for several rounds: every peer's update must be the weighted mean of all 4 decoded payloads and
-    bit-identical across peers, so a silent fallback to a peer's own values cannot pass."""
+    for several rounds: every peer's update must be the weighted mean of all 4 decoded payloads
+    (per coordinate over all peers, or over the peers that sent it) and bit-identical across
+    peers, so a silent fallback to a peer's own values cannot pass."""
     p2pd_before = our_p2pd()
-    manifest = _exchange_manifest()
+    manifest = _exchange_manifest(aggregation, decay)
     codec = parse_codec(CODEC)
     nodes: list[SwarmNode] = []
     try:
@@ -87,10 +90,15 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path)
             results = [e.resolve(x) for e, x in zip(exchangers, exchanges, strict=True)]
 
             # What each peer sent, recomputed independently: codec(Δ + residual) and its decoding.
-            decoded = [decode(compress_with_feedback(codec, d, r)[0], codec, VECTOR_SIZE)
+            decoded = [decode(compress_with_feedback(codec, d, r.clone(), decay=decay)[0], codec, VECTOR_SIZE)
                        for d, r in zip(deltas, residuals_before, strict=True)]
             weights = [float(w.samples) for w in works]
-            expected = sum(w * x.double() for w, x in zip(weights, decoded, strict=True)) / sum(weights)
+            expected = sum(w * x.double() for w, x in zip(weights, decoded, strict=True))
+            if aggregation == "mean":
+                expected = expected / sum(weights)
+            else:  # q2 levels are never 0: a coordinate is sent exactly where its decoding is not 0
+                senders = sum(w * (x != 0).double() for w, x in zip(weights, decoded, strict=True))
+                expected = expected / senders.clamp(min=1.0)
             for index, (update, outcome) in enumerate(results):
                 assert outcome is not None and outcome.averaged, f"round {round_}, peer {index}: {outcome}"
                 assert outcome.group_size == EXCHANGE_PEERS, f"round {round_}, peer {index}: {outcome}"
@@ -103,7 +111,7 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path)
                 # the check can fail: a peer's own decoded payload is far from the group's mean
                 assert not torch.allclose(decoded[index].double(), expected, rtol=1e-5, atol=1e-6)
             for exchanger, before, delta, sent in zip(exchangers, residuals_before, deltas, decoded, strict=True):
-                assert torch.allclose(exchanger.residual, before + delta - sent, atol=1e-5), "error feedback lost"
+                assert torch.allclose(exchanger.residual, decay * before + delta - sent, atol=1e-5), "error feedback lost"
     finally:
         for node in nodes:
             node.shutdown()
