@@ -174,3 +174,14 @@ def reference_task(size: str = "reference", *, steps: int | None = None, **chang
         raise ConfigError(f"task size {size!r} is not one of {', '.join(SIZES)}")
     model, default_steps = SIZES[size]
     return TaskSpec(model=model, steps=steps or default_steps, eval_windows=256, **changes)
+
+
+def benchmark_task(*, size: str = "reference", steps: int | None = None, quick: bool = False,
+                   schedule: str = "constant", warmup: int = 0) -> TaskSpec:
+    """The task a benchmark script's flags name: a reference size, or (``quick``) a tiny model
+    for a smoke test; ``schedule`` and ``warmup`` set the inner learning rate for every contender."""
+    changes = {"lr_schedule": schedule, "warmup_steps": warmup}
+    if quick:
+        return TaskSpec(model=ModelConfig(n_embd=64, n_layer=1, n_head=2, n_positions=64), data=DataSpec(seq_len=64),
+                        steps=steps or 20, per_peer_batch=8, eval_windows=64, curve_points=2, **changes)
+    return reference_task(size, steps=steps, **changes)

@@ -33,9 +33,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from bench.bytes_to_loss import DP, HIVEMIND, run_all, table  # noqa: E402
 from bench.recipe import parse_recipe  # noqa: E402
-from bench.task import SIZES, TaskSpec, reference_task  # noqa: E402
+from bench.task import SIZES, TaskSpec, benchmark_task  # noqa: E402
 from protocol.errors import ConfigError  # noqa: E402
-from protocol.manifest import DataSpec, ModelConfig  # noqa: E402
 
 _ISOLATED = "BARNRAISE_BENCH_PRIVATE_NET"
 FULL_RECIPES = ["default"]
@@ -81,11 +80,7 @@ def _isolate(argv: list[str]) -> int | None:
 
 
 def _spec(args: argparse.Namespace) -> TaskSpec:
-    schedule = {"lr_schedule": args.schedule, "warmup_steps": args.warmup}
-    if args.quick:
-        return TaskSpec(model=ModelConfig(n_embd=64, n_layer=1, n_head=2, n_positions=64), data=DataSpec(seq_len=64),
-                        steps=args.steps or 20, per_peer_batch=8, eval_windows=64, curve_points=2, **schedule)
-    return reference_task(args.size, steps=args.steps, **schedule)
+    return benchmark_task(size=args.size, steps=args.steps, quick=args.quick, schedule=args.schedule, warmup=args.warmup)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -27,9 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.bytes_to_loss import controls  # noqa: E402
 from bench.recipe import parse_recipe  # noqa: E402
 from bench.sweep import SWEEPS, check_agreement, cpu_workers, run_sweep, sweep_recipes, table  # noqa: E402
-from bench.task import SIZES, TaskSpec, reference_task  # noqa: E402
+from bench.task import SIZES, TaskSpec, benchmark_task  # noqa: E402
 from protocol.errors import ConfigError  # noqa: E402
-from protocol.manifest import DataSpec, ModelConfig  # noqa: E402
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -52,11 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _spec(args: argparse.Namespace) -> TaskSpec:
-    schedule = {"lr_schedule": args.schedule, "warmup_steps": args.warmup}
-    if args.quick:
-        return TaskSpec(model=ModelConfig(n_embd=64, n_layer=1, n_head=2, n_positions=64), data=DataSpec(seq_len=64),
-                        steps=args.steps or 20, per_peer_batch=8, eval_windows=64, curve_points=2, **schedule)
-    return reference_task(args.size, steps=args.steps, **schedule)
+    return benchmark_task(size=args.size, steps=args.steps, quick=args.quick, schedule=args.schedule, warmup=args.warmup)
 
 
 def _emit(args: argparse.Namespace, record: dict) -> None:
