@@ -43,20 +43,22 @@ __all__ = ["run_barnraise", "run_toml"]
 _REAP_SECONDS = 20.0
 
 
-_MATCHMAKING_SECONDS = 5.0
-"""Overlapped, a longer window costs no compute time and keeps 4 peers in one group."""
 _ROUND_DEADLINE_SECONDS = 30.0
+ROUND_SECONDS = 20.0
+"""Rounds long enough that every peer of the reference task takes all H steps on 2 shared cores
+(it then waits for the window to close): the same tokens as the baselines and the simulator."""
+START_IN = 45.0
+"""Round 0 opens this long after the coordinator's launch: every peer has joined by then."""
 
 
-def run_toml(spec: TaskSpec, recipe: Recipe, eval_windows: int, *, full_groups: bool = False) -> str:
+def run_toml(spec: TaskSpec, recipe: Recipe, eval_windows: int, *, round_seconds: float = ROUND_SECONDS) -> str:
     """The RUN.toml of a recipe on the task: same model, data, batch and AdamW as the baselines;
-    one group of every peer (``full_groups``: a round waits for all of them rather than averaging
-    in a smaller group); no checkpoints during the run."""
+    every peer in every round (G ≥ N); no checkpoints during the run."""
     if not recipe.swarm_can_run:
-        raise ConfigError(f"recipe {recipe.name}: the swarm runs only sync or rebase rounds of a codec,"
+        raise ConfigError(f"recipe {recipe.name}: the swarm runs only sync or arrival rounds of a codec,"
                           " weighted by samples, at one speed and a fixed H")
-    averaging = {"target_group_size": spec.peers, "min_group_size": spec.peers if full_groups else 2,
-                 "matchmaking_seconds": _MATCHMAKING_SECONDS, "round_deadline_seconds": _ROUND_DEADLINE_SECONDS}
+    averaging = {"round_seconds": round_seconds, "max_contributors": max(16, spec.peers),
+                 "round_deadline_seconds": _ROUND_DEADLINE_SECONDS}
     config = run_config(spec, recipe, averaging=averaging, eval_windows=eval_windows)
     config = dataclasses.replace(config, checkpoints=CheckpointConfig(every_rounds=1_000_000))
     return config.to_toml()
@@ -141,14 +143,14 @@ def run_barnraise(
     host_ips: list[str] | None = None,
     coordinator_ip: str = "127.0.0.1",
     device: str = "cpu",
-    full_groups: bool = False,
+    round_seconds: float = ROUND_SECONDS,
 ) -> dict[str, Any]:
     """Train the task with Barnraise; the caller measures bytes around this call."""
     rounds = max(1, spec.steps // recipe.inner_steps)
     eval_windows = spec.eval_windows or spec.data.eval_windows
     every = max(1, rounds // spec.curve_points)
     workdir.mkdir(parents=True, exist_ok=True)
-    (workdir / "RUN.toml").write_text(run_toml(spec, recipe, eval_windows, full_groups=full_groups))
+    (workdir / "RUN.toml").write_text(run_toml(spec, recipe, eval_windows, round_seconds=round_seconds))
     started = time.monotonic()
     coordinator = _start(
         [
@@ -163,6 +165,8 @@ def run_barnraise(
             coordinator_ip,
             "--http-port",
             "0",
+            "--start-in",
+            str(START_IN),
         ],
         workdir / "coord.log",
         None,
@@ -224,8 +228,8 @@ def _summary(spec: TaskSpec, recipe: Recipe, workdir: Path, rounds: int, seconds
     training_start = curve[0]["time"] if curve else wall_start
     seconds -= training_start - wall_start  # joining (imports, DHT, waiting for the others) is not training
     wall_start = training_start
-    # the consensus of round b holds b rounds of H steps (b − 1 with overlap: its round 0 is empty)
-    step_of = lambda b: max(0, b - int(recipe.update_rule == "rebase")) * recipe.inner_steps  # noqa: E731
+    # the consensus of round b holds b rounds of H steps
+    step_of = lambda b: b * recipe.inner_steps  # noqa: E731
     return {
         "contender": f"barnraise-{recipe.name}",
         "recipe": recipe.to_dict(),
@@ -233,7 +237,7 @@ def _summary(spec: TaskSpec, recipe: Recipe, workdir: Path, rounds: int, seconds
         "heldout_loss_peers": losses,
         "rounds": rounds,
         "averaged_fraction": sum(1 for r in flat if r["averaged"]) / max(1, len(flat)),
-        "full_group_fraction": sum(1 for r in flat if r["group_size"] == spec.peers) / max(1, len(flat)),
+        "full_group_fraction": sum(1 for r in flat if r["contributors"] == spec.peers) / max(1, len(flat)),
         "tokens": sum(r["samples"] for r in flat) * spec.data.seq_len,
         "payload_bytes": flat[0]["payload_bytes"] if flat else 0,
         "seconds": seconds,

@@ -13,8 +13,9 @@ On the command line a recipe is ``NAME[:H[:CODEC]][:key=value...]``, e.g.
     diloco:25:none                            uncompressed (the exact mean of the outer gradients)
 
 with keys ``ilr`` (the inner AdamW rate), ``lr``, ``mom``, ``nesterov`` (0/1), ``decay`` (error feedback), ``agg`` (mean, senders),
-``weights`` (samples, uniform), ``rule`` (sync, delayed, rebase, eager; ``overlap`` is short for
-``rule=rebase``), ``h0`` (first inner steps of a doubling H schedule), ``speeds`` (slash-separated,
+``weights`` (samples, uniform), ``rule`` (sync, delayed, rebase, eager, arrival; ``overlap`` is short
+for ``rule=rebase``), ``lag`` (arrival: the inner steps into round r + 1 at which round r's update
+arrives), ``h0`` (first inner steps of a doubling H schedule), ``speeds`` (slash-separated,
 e.g. ``1/1/0.5/0.25``) and ``peers``. The inner learning rate and its schedule belong to the task
 (``bench.task.TaskSpec``): every contender of a comparison trains with the same schedule, and a
 recipe may only set its peers' own rate (``ilr``).
@@ -55,8 +56,10 @@ class Recipe:
     aggregation: Literal["mean", "senders"] = _AVERAGING.aggregation
     weighting: Literal["samples", "uniform"] = "samples"
     """Combine weights: the samples of the round (what the swarm sends), or 1 each (simulator only)."""
-    update_rule: Literal["sync", "delayed", "rebase", "eager"] = "rebase" if _AVERAGING.overlap else "sync"
+    update_rule: Literal["sync", "delayed", "rebase", "eager", "arrival"] = "rebase" if _AVERAGING.overlap else "sync"
     """See ``bench.simulator``; the swarm runs sync and rebase (``averaging.overlap``)."""
+    lag: int = 1
+    """arrival (simulator only): round r's update arrives ``lag`` inner steps into round r + 1."""
     first_inner_steps: int | None = None
     """H schedule (simulator only): round r takes min(H, first_inner_steps · 2**r) steps."""
     speeds: tuple[float, ...] | None = None
@@ -73,8 +76,10 @@ class Recipe:
             raise ConfigError(f"recipe {self.name}: speeds must lie in (0, 1]")
         if self.weighting not in ("samples", "uniform"):
             raise ConfigError(f"recipe {self.name}: weights must be samples or uniform")
-        if self.update_rule not in ("sync", "delayed", "rebase", "eager"):
-            raise ConfigError(f"recipe {self.name}: rule must be sync, delayed, rebase or eager")
+        if self.update_rule not in ("sync", "delayed", "rebase", "eager", "arrival"):
+            raise ConfigError(f"recipe {self.name}: rule must be sync, delayed, rebase, eager or arrival")
+        if self.lag < 0:
+            raise ConfigError(f"recipe {self.name}: lag must not be negative")
         if self.peers is not None and self.peers < 1:
             raise ConfigError(f"recipe {self.name}: peers must be positive")
 
@@ -115,7 +120,9 @@ def run_config(spec: TaskSpec, recipe: Recipe, *, averaging: dict[str, Any] | No
         lr_schedule=spec.lr_schedule, warmup_steps=spec.warmup_steps,
         total_steps=spec.steps if spec.lr_schedule == "cosine" else 0, min_lr_ratio=spec.min_lr_ratio,
     )  # fmt: skip
-    swarm = {"target_group_size": max(2, recipe.replicas(spec)), **(averaging or {})}
+    # one group of every peer, where the manifest forms groups (not a field of windowed rounds)
+    swarm = {"target_group_size": max(2, recipe.replicas(spec))} if hasattr(_AVERAGING, "target_group_size") else {}
+    swarm.update(averaging or {})
     averaging_config = AveragingConfig(
         codec=recipe.codec or "fp16", error_feedback_decay=recipe.error_feedback_decay,
         aggregation=recipe.aggregation, overlap=recipe.update_rule == "rebase", **swarm,
@@ -134,6 +141,7 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "agg": ("aggregation", str),
     "weights": ("weighting", str),
     "rule": ("update_rule", str),
+    "lag": ("lag", int),
     "h0": ("first_inner_steps", int),
     "speeds": ("speeds", lambda v: tuple(float(s) for s in v.split("/"))),
     "peers": ("peers", int),

@@ -9,11 +9,14 @@ Every peer is its own process (``python -m bench.round_bench --rank r``, started
 ``bench.ranks.run_ranks``) holding its own random float32 vector of N elements; the contenders
 run one after another, never at the same time:
 
-    barnraise   what a peer does per round: ``compress_with_feedback`` -> ``GroupMember`` ->
-                ``SwarmNode.start_exchange`` (all-gather of compressed payloads) ->
-                ``protocol.averaging.combine`` (``--aggregation``: mean or senders); timed from
-                "start compress" to "update in hand", split into encode / exchange /
-                decode+combine; one row per codec
+    barnraise   what a peer does per round: ``compress_with_feedback`` -> the payload into its
+                store (``SwarmNode.hold_payload``) and its record into the round's DHT key ->
+                one read of that key -> the others' payloads fetched by sha256
+                (``SwarmNode.fetch_payloads``) -> ``protocol.averaging.combine``
+                (``--aggregation``: mean or senders); timed from "start compress" to "update in
+                hand", split into encode / exchange / decode+combine; one row per codec. The
+                round's settle wait (``averaging.settle_seconds``) is not in it: a barrier after
+                every peer has announced stands for it
     hivemind    hivemind's bare ``DecentralizedAverager`` (butterfly all-reduce), one ``step()``
                 per round, without compression and with ``Float16Compression``
     memcpy      the bound if the network were as fast as memory: one in-memory copy (one thread)
@@ -65,6 +68,7 @@ from bench.ranks import arm_watchdog, file_barrier, rendezvous_dir, run_ranks, w
 from protocol.averaging import Aggregation
 from protocol.codecs import compress_with_feedback, decode, parse_codec, parse_payload, payload_size
 from protocol.errors import BarnraiseError, ConfigError, DeadlineExceeded, VerificationError
+from protocol.wire import canonical_bytes, decode_map
 
 __all__ = [
 
@@ -238,7 +242,7 @@ def run_barnraise(spec: RoundSpec, codec: str, workdir: Path, timeout_s: float |
         expected_bytes_per_peer_round=float(sent),
         split={key: record[key] for key in ("encode", "exchange", "decode_combine")},
         check=_check_barnraise(results, spec),
-        detail={"payload_bytes": size, "averager_seconds": record["averager_seconds"], "wall_seconds": wall,
+        detail={"payload_bytes": size, "wall_seconds": wall,
                 "aggregation": spec.aggregation, "touched": record["touched"]},
     )
 
@@ -499,25 +503,31 @@ class _BarnraisePeer:
                                          payload=payload, base_root=_BASE_ROOT)  # fmt: skip
         encoded = time.perf_counter()
         del vector
-        self.sync(f"barnraise-exchange{round_}")
+        digest = self.node.hold_payload(payload)
+        announcement = canonical_bytes({"member": member.to_wire(), "p2p_id": self.node.p2p_id})
+        self.node.store(f"{_PREFIX}.{round_}", announcement, ttl=600.0, subkey=self.peer_id)
+        self.sync(f"barnraise-exchange{round_}")  # every peer has announced: stands for the settle time
         launched = time.perf_counter()
-        result = self.node.start_exchange(round=round_, payload=payload, member=member.to_wire(), weight=1.0).result()
+        announced = [decode_map(raw, what="round bench record") for raw in (self.node.fetch(f"{_PREFIX}.{round_}") or {}).values()]
+        others = [a for a in announced if a["member"]["payload_sha256"] != digest]
+        fetched = self.node.fetch_payloads(
+            [(a["member"]["payload_sha256"], a["member"]["payload_size"], [a["p2p_id"]]) for a in others],
+            timeout=self.spec.network_deadline((self.spec.peers - 1) * len(payload)))
+        entries = [(member.to_wire(), payload)] + [
+            (a["member"], fetched[a["member"]["payload_sha256"]]) for a in others if a["member"]["payload_sha256"] in fetched]
         arrived = time.perf_counter()
-        if result.failure is not None or result.missing or len(result.payloads) != self.spec.peers:
-            raise VerificationError(f"round {round_}: exchange got {len(result.payloads)} of {self.spec.peers} "
-                                    f"payloads ({result.missing} missing): {result.failure}")  # fmt: skip
-        group = combine(list(result.payloads.values()), codec=self.codec, numel=self.spec.numel, round=round_,
+        if len(entries) != self.spec.peers:
+            raise VerificationError(f"round {round_}: got {len(entries)} of {self.spec.peers} payloads")
+        group = combine(entries, codec=self.codec, numel=self.spec.numel, round=round_,
                         max_weight=float("inf"), base_root=_BASE_ROOT, aggregation=self.spec.aggregation)
         done = time.perf_counter()
-        averager_seconds = result.seconds
-        del result
+        del entries, fetched
         if len(group.members) != self.spec.peers or group.rejected:
             raise VerificationError(f"round {round_}: combined {len(group.members)} members; rejected {group.rejected}")
         group_touched = group.touched
         record = {"encode": encoded - began, "exchange": arrived - launched, "decode_combine": done - arrived,
                   "sha256": _digest(group.update), "update_samples": group.update[self.indices].tolist()}  # fmt: skip
         record["seconds"] = record["encode"] + record["exchange"] + record["decode_combine"]
-        record["averager_seconds"] = averager_seconds  # the exchange as the averager process saw it
         del group
         record["own_samples"] = decode(payload, self.codec, self.spec.numel)[self.indices].tolist()
         record["own_kept"] = _kept_at(parse_payload(payload, self.codec, self.spec.numel), self.indices)
@@ -530,11 +540,7 @@ def _barnraise_rank(spec: RoundSpec, sync: _Sync, codec: str) -> dict[str, Any]:
     from protocol.manifest import AveragingConfig
 
     size = payload_size(codec, spec.numel)
-    # min_group_size = peers: a round that starts before every peer is visible waits for it rather
-    # than averaging in a smaller group (which the check would reject).
-    averaging = AveragingConfig(codec=codec, target_group_size=spec.peers, min_group_size=spec.peers,
-                                matchmaking_seconds=spec.matchmaking_seconds,
-                                round_deadline_seconds=spec.network_deadline((spec.peers - 1) * size))  # fmt: skip
+    averaging = AveragingConfig(codec=codec, round_deadline_seconds=spec.network_deadline((spec.peers - 1) * size))
     host = [f"/ip4/{spec.host_ip}/tcp/0"]
     node = _join(sync, lambda peers: SwarmNode(initial_peers=peers, host_maddrs=host), lambda n: n.maddrs)
     try:

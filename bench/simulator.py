@@ -23,6 +23,13 @@ A ``bench.recipe.Recipe`` says what to run; beyond what a manifest holds, a swee
                   eager    like delayed, but round r + 1 starts at the consensus minus η·(w/W)·its
                            own decoded payload: its share of the coming update, applied at once
                            (Kale et al., 2025; with outer momentum it is a proxy)
+                  arrival  asynchronous rounds: round r + 1 starts at once from the consensus
+                           minus its own Δ_r (as rebase), and round r's update arrives ``lag``
+                           inner steps into it (at its end when it is no longer): the consensus
+                           takes the outer step, the replica keeps the progress made since the
+                           round started on top of it, and Δ_{r+1} is measured from there
+                           (``Trainer.apply_outer_in_flight``). lag 0 is sync, a lag of at least
+                           H is rebase (to float32 rounding)
     weighting     samples (the swarm's) or uniform weights in the combine
     speeds        relative speeds: replica i takes round(H · speed_i) inner steps a round
     first_inner_steps   an H schedule: round r takes min(H, first · 2**r) steps
@@ -63,7 +70,7 @@ class _Replica:
     speed: float
     residual: torch.Tensor
     own_share: torch.Tensor | None = None
-    """rebase / eager: what this replica carries on top of the consensus in the next round."""
+    """rebase / eager / arrival: what this replica carries on top of the consensus in the next round."""
 
 
 @dataclass
@@ -97,9 +104,14 @@ def simulate(spec: TaskSpec, recipe: Recipe, *, corpus: Corpus | None = None, de
     marks = set(checkpoint_steps(spec))
     _score(ledger, scorer, replicas[0].trainer, corpus, spec, 0)
     for round_, steps in enumerate(schedule):
-        works = _inner_round(replicas, round_, steps, done, ledger)
+        arriving = pending if recipe.update_rule == "arrival" else None
+        works = _inner_round(replicas, round_, steps, done, ledger, arriving=arriving, lag=recipe.lag)
         done += steps
-        if recipe.update_rule == "sync":
+        if recipe.update_rule == "arrival":  # the previous round's update arrived during this one
+            pending = _exchange(replicas, works, recipe, spec, round_, ledger)
+            for replica in replicas:
+                replica.trainer.rebase(replica.own_share)
+        elif recipe.update_rule == "sync":
             update = _exchange(replicas, works, recipe, spec, round_, ledger)
             for replica in replicas:
                 replica.trainer.apply_outer(update)
@@ -126,15 +138,26 @@ def simulate(spec: TaskSpec, recipe: Recipe, *, corpus: Corpus | None = None, de
     return summary
 
 
-def _inner_round(replicas: list[_Replica], round_: int, steps: int, done: int,
-                 ledger: _Ledger) -> list[tuple[torch.Tensor, int]]:
-    """Every replica's inner steps of this round (the run had ``done`` steps before it): (Δ, samples)."""
+def _inner_round(replicas: list[_Replica], round_: int, steps: int, done: int, ledger: _Ledger, *,
+                 arriving: torch.Tensor | None = None, lag: int = 0) -> list[tuple[torch.Tensor, int]]:
+    """Every replica's inner steps of this round (the run had ``done`` steps before it): (Δ, samples).
+    ``arriving``: the previous round's update, applied in flight after ``lag`` of a replica's steps
+    (after all of them when it takes no more); the round's windows and rates are those of one call."""
     works = []
     began = time.perf_counter()
     for replica in replicas:
         own = max(1, round(steps * replica.speed))
-        inner = replica.trainer.inner_steps(round_, steps=own, first_step=done)
-        works.append((replica.trainer.outer_gradient(), inner.samples))
+        if arriving is None:
+            samples = replica.trainer.inner_steps(round_, steps=own, first_step=done).samples
+        else:
+            before, samples = min(lag, own), 0
+            if before > 0:  # steps=0 would mean H
+                samples += replica.trainer.inner_steps(round_, steps=before, first_step=done).samples
+            replica.trainer.apply_outer_in_flight(arriving)
+            if own > before:
+                samples += replica.trainer.inner_steps(round_, steps=own - before, first_step=done + before,
+                                                       first_window=before).samples  # fmt: skip
+        works.append((replica.trainer.outer_gradient(), samples))
     ledger.compute_seconds += time.perf_counter() - began
     return works
 
@@ -169,7 +192,7 @@ def _exchange(replicas: list[_Replica], works: list[tuple[torch.Tensor, int]], r
             update = group.update
     total = sum(weights)
     for replica, own, weight in zip(replicas, owns, weights, strict=True):
-        if recipe.update_rule == "rebase":
+        if recipe.update_rule in ("rebase", "arrival"):
             replica.own_share = own
         elif recipe.update_rule == "eager":
             replica.own_share = own * (recipe.outer_lr * weight / total)

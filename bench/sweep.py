@@ -70,6 +70,15 @@ SWEEPS: dict[str, list[str]] = {
         f"uneven-samples:15:{_BMAX}:{_SL}:speeds=1/1/0.5/0.5:weights=samples",
         f"uneven-uniform:15:{_BMAX}:{_SL}:speeds=1/1/0.5/0.5:weights=uniform",
     ],
+    # asynchronous rounds (rule=arrival): round r's update lands `lag` inner steps into round
+    # r + 1, against sync at the same default step (H 15); the rule is spelled out, as the
+    # manifest's default may be either
+    "arrival": [
+        f"sync:15:{_BMAX}:{_SL}:rule=sync",
+        f"arrival-lag1:15:{_BMAX}:{_SL}:rule=arrival:lag=1",
+        f"arrival-lag2:15:{_BMAX}:{_SL}:rule=arrival:lag=2",
+        f"arrival-lag4:15:{_BMAX}:{_SL}:rule=arrival:lag=4",
+    ],
 }
 """Named recipe sets, in ``bench.recipe`` syntax; the "alone" control is added to every set."""
 
@@ -137,17 +146,16 @@ AGREEMENT_TOLERANCE = 0.01
 """The simulator agrees with the swarm when their held-out losses differ by at most 1%."""
 
 
-def check_agreement(spec: TaskSpec, recipe: Recipe, workdir, *, timeout_s: float = 1800.0,
-                    full_groups: bool = False) -> dict[str, Any]:
+def check_agreement(spec: TaskSpec, recipe: Recipe, workdir, *, timeout_s: float = 1800.0) -> dict[str, Any]:
     """Train ``recipe`` once with a real swarm (``bench.barnraise_contender``, as the bytes-to-loss
-    benchmark runs it; ``full_groups``: every round waits for a group of all peers) and once in the
-    simulator; their held-out losses, the relative gap, and the share of swarm rounds that
-    averaged all peers (the simulator's are all full). The simulator runs on one torch thread, as
-    the peers do: with more, CPU kernels sum in another order and the bits differ (measured:
-    0.27% apart on the reference task, against bit-identical on one thread)."""
+    benchmark runs it) and once in the simulator; their held-out losses, the relative gap, and the
+    share of swarm rounds whose update held every peer's contribution (the simulator's all do).
+    The simulator runs on one torch thread, as the peers do: with more, CPU kernels sum in another
+    order and the bits differ (measured: 0.27% apart on the reference task, against bit-identical
+    on one thread)."""
     from bench.barnraise_contender import run_barnraise  # a swarm: only when a check asks for one
 
-    swarm = run_barnraise(spec, recipe, workdir, timeout_s=timeout_s, full_groups=full_groups)
+    swarm = run_barnraise(spec, recipe, workdir, timeout_s=timeout_s)
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the swarm's peers run (--threads 1): the same bits when every round averaged
     try:

@@ -13,7 +13,7 @@ import shutil
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from coordinator.audit import file_record
 from peer.data import Corpus, heldout_windows
@@ -84,3 +84,10 @@ class CheckpointWriter:
         """Round 0: the freshly initialised model and zero momentum."""
         flat = torch.nn.utils.parameters_to_vector(build_model(self.model_config).parameters()).detach()
         return RoundState(0, flat, torch.zeros_like(flat))
+
+    def read(self, round: int) -> RoundState:
+        """The state a recorded checkpoint folder holds (its files were verified at launch)."""
+        folder = self.path(round)
+        parameters = self.layout.flatten(load_file(str(folder / MODEL_FILE)))
+        momentum = self.layout.flatten(load_file(str(folder / OUTER_FILE)))
+        return RoundState(round, parameters, momentum)

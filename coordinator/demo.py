@@ -30,11 +30,10 @@ n_embd = 128
 n_layer = 2
 n_head = 4
 
-# H, the codec, the outer step and synchronous rounds are the manifest's defaults, chosen by
+# H, the codec, the outer step and the rounds are the manifest's defaults, chosen by
 # measurement in docs/benchmarks.md (H 15, bmax-c4096-b64-s2, error feedback decayed 0.95,
-# a mean over each coordinate's senders, outer SGD at 1.0).
+# a mean over each coordinate's senders, outer SGD at 1.0, asynchronous rounds of 8 s).
 [averaging]
-matchmaking_seconds = 2.0
 round_deadline_seconds = 20.0
 
 [checkpoints]
@@ -92,10 +91,11 @@ def _round_summary(workdir: Path, peers: int) -> list[str]:
     for index in range(1, peers + 1):
         log = workdir / f"peer-{index}" / "rounds.jsonl"
         rounds = [json.loads(line) for line in log.read_text().splitlines()] if log.exists() else []
-        full = sum(1 for r in rounds if r["averaged"] and r["group_size"] == peers)
-        partial = sum(1 for r in rounds if r["averaged"] and r["group_size"] < peers)
-        local = sum(1 for r in rounds if not r["averaged"])
-        lines.append(f"peer-{index}: {len(rounds)} rounds: {full} averaged with all {peers}, {partial} with fewer, {local} local")
+        full = sum(1 for r in rounds if r["failure"] is None and r["contributors"] >= peers)
+        partial = sum(1 for r in rounds if r["failure"] is None and r["contributors"] < peers)
+        out = sum(1 for r in rounds if r["failure"] is not None)
+        lines.append(f"peer-{index}: {len(rounds)} rounds: {full} with all {peers} contributions, {partial} with fewer,"
+                     f" {out} out of step")
     return lines
 
 

@@ -69,8 +69,9 @@ def _load_manifest(path: Path, key: SigningKey, config: RunConfig) -> SignedMani
     return signed
 
 
-def prepare_run(config: RunConfig, workdir: Path) -> LaunchedRun:
-    """Create or resume the run in ``workdir``; on return the ledger holds at least genesis."""
+def prepare_run(config: RunConfig, workdir: Path, start_in: float = 0.0) -> LaunchedRun:
+    """Create or resume the run in ``workdir``; on return the ledger holds at least genesis. A new
+    run's round 0 opens ``start_in`` seconds from now (its manifest's ``created_at``)."""
     workdir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(workdir / "coordinator.key")
     manifest_path = workdir / "manifest.msgpack"
@@ -80,7 +81,8 @@ def prepare_run(config: RunConfig, workdir: Path) -> LaunchedRun:
         signed = _load_manifest(manifest_path, key, config)
         writer = CheckpointWriter(workdir / "checkpoints", signed.manifest, corpus)
     else:
-        draft = RunManifest(config=config, coordinator_key=key.public_key_hex, genesis_root="0" * 64, created_at=time.time())
+        draft = RunManifest(config=config, coordinator_key=key.public_key_hex, genesis_root="0" * 64,
+                            created_at=time.time() + start_in)
         writer = CheckpointWriter(workdir / "checkpoints", draft, corpus)
         genesis = writer.genesis()
         root = checkpoint_root(writer.layout.views(genesis.parameters))

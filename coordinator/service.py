@@ -2,9 +2,12 @@
 
     barnraise-coordinator launch RUN.toml --workdir run-1
 
-Every blocking swarm call (DHT reads, state downloads, hashing) runs in a worker thread with
-a deadline, so the HTTP view stays responsive. Peers never wait on this process: it only
-reads their progress and, every K rounds, downloads one peer's state to record a checkpoint.
+Every blocking swarm call (DHT reads, payload fetches, hashing) runs in a worker thread with a
+deadline, so the HTTP view stays responsive. Peers never wait on this process: once per round it
+replays the decided round from its payloads (``coordinator.follower``), reads the progress
+records its own DHT node holds, and every K rounds records a checkpoint of the state it
+replayed. Only when the rounds since its state have lapsed (it was down too long) does it load a
+peer's state instead.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from coordinator.follower import Follower
 from coordinator.http import HttpView, build_app
 from coordinator.launch import LaunchedRun, prepare_run
 from coordinator.swarm import SwarmMemory, start_bootstrap_node
-from coordinator.tracker import Tracker
+from coordinator.tracker import MAX_CONTRIBUTORS, Tracker
 from peer.join import state_from_peer
 from peer.progress import MANIFEST_KEY, MANIFEST_TTL, read_progress
 from peer.swarm import SwarmNode
@@ -41,12 +45,13 @@ from protocol.errors import (
 )
 from protocol.ledger import next_entry
 from protocol.manifest import RunConfig
+from protocol.records import Contribution
 from protocol.signing import public_key_to_pem
 
 __all__ = ["CoordinatorOptions", "serve"]
 
-_POLL_SECONDS = 5.0
-"""How often the coordinator reads the progress records its own DHT node stores (no network)."""
+_IDLE_SECONDS = 30.0
+"""The longest the loop sleeps between two passes (it wakes when the next round is decided)."""
 _NETWORK_READ_SECONDS = 60.0
 """How often it reads them from the swarm (a DHT read costs every peer bytes: about 16 kB in all in a
 swarm of 5 nodes); in a swarm of up to 5 nodes its own node already holds every record."""
@@ -61,6 +66,8 @@ class CoordinatorOptions:
     host: str = "127.0.0.1"
     """Address for both the HTTP view and the DHT node."""
     http_port: int = 8470
+    start_in: float = 0.0
+    """A new run's round 0 opens this many seconds after launch."""
     on_line: Callable[[str], None] = print
 
 
@@ -71,7 +78,9 @@ class Coordinator:
         self.options, self.run, self.node, self.memory = options, run, node, memory
         training = run.manifest.config.training
         self.tracker = Tracker(run.manifest.run_id, samples_per_round=training.inner_steps * training.batch_size)
-        self.tracker.seed_from_ledger(run.ledger.head())
+        head = run.ledger.head()
+        self.tracker.seed_from_ledger(head)
+        self.follower = Follower(node, run.manifest, run.checkpoints.read(head.round), run.checkpoints.layout, head)
         self.manifest_stored_at = time.monotonic()
         self.next_checkpoint_try = 0.0
         self.next_network_read = 0.0
@@ -88,7 +97,15 @@ class Coordinator:
         return self.node.maddrs + self.tracker.peer_maddrs()[:8]
 
     def tick(self) -> None:
-        """Read progress; refresh the manifest in the DHT; record a checkpoint when due."""
+        """Replay the decided rounds; read progress; refresh the manifest; record a checkpoint when due."""
+        follower = self.follower
+        if follower.lapsed(time.time()):
+            self._adopt_from_peer()
+        else:
+            problem = follower.problem
+            follower.follow(time.time())
+            if follower.problem is not None and follower.problem != problem:
+                self.say(f"replay waits: {follower.problem}")
         local = time.monotonic() < self.next_network_read
         self.tracker.update(read_progress(self.node, self.run.manifest.run_id, local=local))
         if not local:
@@ -101,28 +118,39 @@ class Coordinator:
             self.memory.save()
         head = self.run.ledger.head()
         every = self.run.manifest.config.checkpoints.every_rounds
-        if self.tracker.global_round >= head.round + every and time.monotonic() >= self.next_checkpoint_try:
+        due = follower.state.round >= head.round + every and follower.changed
+        if due and time.monotonic() >= self.next_checkpoint_try:
             self.checkpoint()
 
-    def checkpoint(self) -> None:
-        manifest, head = self.run.manifest, self.run.ledger.head()
-        timeout = manifest.config.averaging.round_deadline_seconds * 2
+    def _adopt_from_peer(self) -> None:
+        """Fallback when the rounds since the follower's state have lapsed: a live peer's state,
+        checked against its signed record (one donor's word: said so in the log)."""
+        if time.monotonic() < self.next_checkpoint_try:
+            return
+        manifest, follower = self.run.manifest, self.follower
         try:
-            record_bytes, tensors = self.node.download_state(timeout=timeout)
+            record_bytes, tensors = self.node.download_state(timeout=manifest.config.averaging.round_deadline_seconds)
             start = state_from_peer(record_bytes, tensors, manifest, self.run.checkpoints.layout)
         except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
-            self._postpone(f"checkpoint postponed: {error}")
+            self._postpone(f"rounds since round {follower.state.round} have lapsed and no peer served a state: {error}")
             return
-        if start.state.round <= head.round:
-            self._postpone(f"checkpoint postponed: the state served is of round {start.state.round}, not past {head.round}")
+        if start.state.round <= follower.state.round:
+            self._postpone(f"rounds since round {follower.state.round} have lapsed; the state served is of round {start.state.round}")
             return
-        files = self.run.checkpoints.write(start.state)
+        follower.adopt(start.state)
+        self.say(f"rounds since our state had lapsed: following on from {start.source}")
+
+    def checkpoint(self) -> None:
+        manifest, head, state = self.run.manifest, self.run.ledger.head(), self.follower.state
+        files = self.run.checkpoints.write(state)
+        largest = sorted(((s, p) for p, s in self.follower.credit.items() if s > 0), reverse=True)[:MAX_CONTRIBUTORS]
         entry = next_entry(
-            self.run.key, head, run_id=manifest.run_id, round=start.state.round, created_at=time.time(),
-            files=files, contributors=self.tracker.contributions(),
-            heldout_loss=self.run.checkpoints.heldout_loss(start.state),
+            self.run.key, head, run_id=manifest.run_id, round=state.round, created_at=time.time(),
+            files=files, contributors=[Contribution(peer_id=p, samples=s) for s, p in sorted(largest, key=lambda i: i[1])],
+            heldout_loss=self.run.checkpoints.heldout_loss(state),
         )
         self.run.ledger.append(entry)
+        self.follower.changed = False
         self.export_ledger()
         loss = "not finite (diverged)" if entry.heldout_loss is None else f"{entry.heldout_loss:.3f}"
         self.say(
@@ -155,8 +183,9 @@ async def _loop(coordinator: Coordinator, stop: asyncio.Event) -> None:
             # e.g. a full disk while writing a checkpoint: nothing was recorded; try again later
             coordinator.say(f"this pass failed and is retried: {type(error).__name__}: {error}")
             coordinator.next_checkpoint_try = time.monotonic() + _CHECKPOINT_RETRY
+        pause = min(_IDLE_SECONDS, max(0.2, coordinator.follower.next_due() - time.time()))
         try:
-            await asyncio.wait_for(stop.wait(), timeout=_POLL_SECONDS)
+            await asyncio.wait_for(stop.wait(), timeout=pause)
         except TimeoutError:
             pass
 
@@ -191,7 +220,7 @@ async def _serve(options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode,
 def serve(options: CoordinatorOptions) -> int:
     """Launch or resume the run and serve until SIGINT/SIGTERM; returns the exit code."""
     config = RunConfig.from_toml(_read_config(options.run_config))
-    run = prepare_run(config, options.workdir)
+    run = prepare_run(config, options.workdir, options.start_in)
     try:
         # hivemind starts its processes from the main thread, before the event loop runs.
         node, memory = start_bootstrap_node(options.workdir, options.host, run.signed, run.checkpoints.layout.size)

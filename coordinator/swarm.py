@@ -1,5 +1,6 @@
 """The coordinator's adapter to the swarm: a bootstrap DHT node with a stable identity and
-port, and a client-mode averager used only to download state for checkpoints."""
+port, and a client-mode averager that fetches rounds' payloads (to follow the swarm by replay)
+and, as a fallback only, downloads a peer's state."""
 
 from __future__ import annotations
 

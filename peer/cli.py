@@ -6,6 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
+from peer.lifeline import bind_children_to_this_process
 from peer.runner import PeerOptions, run_peer
 from protocol.cli import OneLineParser, run_command
 from protocol.signing import public_key_from_pem
@@ -23,14 +24,14 @@ def _parser() -> OneLineParser:
     join.add_argument("--workdir", type=Path, default=Path("barnraise-peer"), help="folder for this peer's key and logs")
     join.add_argument("--host", default="0.0.0.0", help="address to listen on (default 0.0.0.0)")
     join.add_argument("--coordinator-key", metavar="FILE|HEX", help="refuse a run not signed by this public key")
-    join.add_argument("--max-rounds", type=int, help="leave once the swarm round reaches this number")
+    join.add_argument("--max-rounds", type=int, help="leave after taking part in N rounds")
     join.add_argument("--max-minutes", type=float, help="leave after this many minutes")
     join.add_argument("--device", default="cpu", help="torch device for training (cpu, cuda, cuda:1, ...)")
     join.add_argument("--threads", type=int, help="torch CPU threads")
     join.add_argument("--snapshot-every", type=int, default=0, metavar="N",
                       help="every N rounds, write the consensus model to WORKDIR/snapshots/ (safetensors)")
-    join.add_argument("--wait-for-peers", type=int, default=0, metavar="N",
-                      help="before the first round, wait up to 3 minutes until N peers (this one included) are present")
+    join.add_argument("--slowdown", type=float, default=1.0, metavar="X",
+                      help="(tests, benchmarks) train X times slower than this machine can")
     join.add_argument("--save-state", type=Path, metavar="FILE",
                       help="on leaving, write the consensus model's parameters to FILE (safetensors)")
     return parser
@@ -46,6 +47,7 @@ def _pinned_key(value: str | None) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    bind_children_to_this_process()  # a SIGKILLed peer leaves no DHT, averager or p2pd behind
     return run_command("barnraise-peer", lambda: _join(_parser().parse_args(argv)))
 
 
@@ -61,7 +63,7 @@ def _join(args: argparse.Namespace) -> int:
         device=args.device,
         threads=args.threads,
         snapshot_every=args.snapshot_every,
-        wait_for_peers=args.wait_for_peers,
+        slowdown=args.slowdown,
         save_state=args.save_state,
         on_line=lambda line: print(line, flush=True),
     )

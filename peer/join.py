@@ -1,14 +1,12 @@
 """Where a peer's starting state comes from, and how each source is verified before use.
 
-In order of preference:
-1. a live peer's round-boundary state (the swarm is ahead of any checkpoint): its tensors
-   must hash to the ``state_root`` of the donor's signed progress record;
-2. the latest checkpoint in the coordinator's ledger: the ledger's chain and signatures are
-   verified under the manifest's coordinator key, and each downloaded file must match the
-   entry's sha256, size and canonical root;
-3. genesis, rebuilt from the manifest's model config and seed (when the peer joined by
-   multiaddrs alone and no peer serves state): its root must equal the signed manifest's
-   ``genesis_root``.
+A peer starts from the latest checkpoint in the coordinator's ledger (the ledger's chain and
+signatures are verified under the manifest's coordinator key, and each downloaded file must
+match the entry's sha256, size and canonical root), or, joined by multiaddrs alone, from genesis
+rebuilt from the manifest's model config and seed (its root must equal the signed manifest's
+``genesis_root``); it then replays the rounds since from their payloads (``peer.runner``). Only
+when those rounds have lapsed does it load a live peer's round-boundary state, whose tensors must
+hash to the ``state_root`` of the donor's signed progress record.
 """
 
 from __future__ import annotations
@@ -37,8 +35,6 @@ class StartingState:
     state: RoundState
     source: str
     """One line for the user: where the state came from and what it was checked against."""
-    live: bool = False
-    """True when a live peer served it (its round's exchange was already in flight without us)."""
 
 
 def state_from_peer(record_bytes: bytes, tensors: list[torch.Tensor], manifest: RunManifest, layout: StateLayout) -> StartingState:
@@ -52,7 +48,7 @@ def state_from_peer(record_bytes: bytes, tensors: list[torch.Tensor], manifest: 
     root = state.root(layout)
     if root != record.state_root:
         raise HashMismatch(f"state from peer {record.peer_id} hashes to {root[:16]}, its signed record says {record.state_root[:16]}")
-    return StartingState(state, f"round {record.round} from peer {record.peer_id} (root {root[:16]} matches its signed record)", live=True)
+    return StartingState(state, f"round {record.round} from peer {record.peer_id} (root {root[:16]} matches its signed record)")
 
 
 def _file_ok(path: Path, sha256: str, size: int) -> bool:
@@ -65,10 +61,16 @@ def _file_ok(path: Path, sha256: str, size: int) -> bool:
 def state_from_checkpoint(
     client: CoordinatorClient, manifest: RunManifest, layout: StateLayout, folder: Path
 ) -> tuple[StartingState, list[LedgerEntry]]:
-    """Download the latest ledger checkpoint into ``folder`` and verify it against the ledger."""
+    """Download the latest ledger checkpoint into ``folder`` and verify it against the ledger (genesis
+    is rebuilt from the manifest instead, when this machine's torch rebuilds it bit for bit)."""
     ledger = client.ledger()
     verify_chain(ledger, manifest.coordinator_key, run_id=manifest.run_id)
     entry = ledger[-1]
+    if entry.kind == "genesis":  # rebuilt here from the manifest: nothing to download
+        try:
+            return state_from_genesis(manifest, layout), ledger
+        except HashMismatch:
+            pass  # another torch initialises differently: download the recorded genesis
     names = {f.name for f in entry.files}
     if not {"model.safetensors", "outer.safetensors"} <= names:
         raise InputError(f"ledger entry {entry.seq} does not list model.safetensors and outer.safetensors")

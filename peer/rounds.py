@@ -1,21 +1,22 @@
-"""A round's exchange: compress Δ with error feedback, all-gather the payloads, combine them.
+"""A round's exchange: compress Δ with error feedback, announce it, decide the round, fetch, combine.
 
-    launch:  e ← β·e + Δ;  payload = codec(e);  e ← e − decode(payload)   (error feedback,
-             β = ``averaging.error_feedback_decay``); the payload goes to every groupmate and
-             theirs come back (``SwarmNode.start_exchange``)
-    resolve: update = the combine of the decoded payloads in canonical order
-             (``protocol.averaging.combine`` with ``averaging.aggregation``), or this peer's own
-             decoded payload when the exchange failed: a local round, reported as such
+    announce: e ← β·e + Δ;  payload = codec(e);  e ← e − decode(payload)   (error feedback,
+              β = ``averaging.error_feedback_decay``); the payload goes into this peer's store
+              (served by sha256) and a signed ``RoundAnnouncement`` into the round's DHT key
+    settle:   at the round's close plus the settle time, one read of that key; the contributor set
+              is ``protocol.consensus.decide`` of what it holds; the members' payloads are fetched
+              from any holder and combined in canonical order (``protocol.averaging.combine``).
+              A peer whose payload was left out adds it back to its residual: the work waits for a
+              later round, it is not lost.
 
-The residual ``e`` is part of the peer's local state: it is saved in the workdir after every
-launch, so a restarted peer still sends what its codec held back.
+``settle`` needs no work of this peer's own: a joiner or the coordinator replays a round with it.
+The residual is part of the peer's local state, saved in the workdir after every change.
 """
 
 from __future__ import annotations
 
+import random
 import time
-from collections import Counter
-from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,16 +24,28 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as save_safetensors
 
-from peer.swarm import PendingExchange, SwarmNode
+from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
 from protocol.averaging import GroupMember, combine
-from protocol.codecs import compress_with_feedback, decode, parse_codec
-from protocol.errors import InputError, TransportError
+from protocol.codecs import compress_with_feedback, decode, parse_codec, payload_size
+from protocol.consensus import RoundClock, RoundDecision, announcement_key, decide
+from protocol.errors import DeadlineExceeded, InputError, TransportError
 from protocol.manifest import RunManifest
+from protocol.records import RoundAnnouncement
+from protocol.signing import SigningKey
 
-__all__ = ["RoundWork", "RoundOutcome", "Exchange", "OuterExchanger"]
+__all__ = ["RoundWork", "RoundOutcome", "Announced", "Settled", "RoundExchanger", "clock_of"]
 
 RESIDUAL_FILE = "residual.safetensors"
+ANNOUNCE_ROUNDS = 12
+"""Rounds an announcement stays in the DHT (followers replay rounds this recent)."""
+KEEPERS = 2
+"""Peers asked to fetch a payload as soon as it is announced."""
+
+
+def clock_of(manifest: RunManifest) -> RoundClock:
+    averaging = manifest.config.averaging
+    return RoundClock(manifest.created_at, averaging.round_seconds, averaging.settle_seconds)
 
 
 @dataclass(frozen=True)
@@ -45,87 +58,96 @@ class RoundWork:
     seconds: float
 
 
+@dataclass
+class Announced:
+    """This peer's contribution to a round, announced (or not: ``failure``)."""
+
+    work: RoundWork
+    own: torch.Tensor
+    """This peer's decoded payload (added back to the residual if the round leaves it out)."""
+    payload_bytes: int
+    base_root: str
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class Settled:
+    """A round decided and, unless ``failure``, its update in hand."""
+
+    decision: RoundDecision | None
+    update: torch.Tensor | None
+    """The combined update (None: nobody contributed, or ``failure``)."""
+    failure: str | None
+    """Why this peer could not compute the round's update (it is then out of step)."""
+    seconds: float
+    """From the start of the read to the update in hand."""
+    entered: bool = False
+    """This peer's own payload is in the update."""
+    credit: tuple[tuple[str, int], ...] = ()
+    """(peer id, samples) of every payload the update holds."""
+    void: str | None = None
+    """Why the round is void for this peer (a member's payload could not be had from anyone)."""
+
+    @property
+    def members(self) -> int:
+        return len(self.decision.members) if self.decision is not None else 0
+
+
 @dataclass(frozen=True)
 class RoundOutcome:
-    """What a round did; ``averaged`` is False whenever the peer applied only its own payload."""
+    """What a round did for this peer; one line of the log."""
 
     round: int
     loss: float
     samples: int
     samples_per_second: float
-    """Samples over the seconds of inner steps plus the seconds spent waiting on the network."""
-    group_size: int
-    """Peers whose payloads are in the applied update (1 when local)."""
-    averaged: bool
+    """Samples over the seconds of inner steps plus the seconds spent idle waiting on the network."""
+    contributors: int
+    """Payloads in the round's update (this peer's included or not)."""
+    entered: bool
+    """This peer's payload is in the update (its samples earn credit)."""
+    waiting: bool
+    """This peer's payload was left out (more than G contributed): its work stays in the residual."""
+    void: str | None
+    """The round was void here (a payload nobody served): nothing applied, the work back in the residual."""
     failure: str | None
     compute_seconds: float
-    """Seconds of inner steps."""
     network_seconds: float
-    """From the exchange's launch to the last payload in hand (overlapped with compute)."""
+    """From the read of the round's announcements to its update in hand (overlapped with compute)."""
     wait_seconds: float
-    """Of those, the seconds this peer sat idle waiting for them."""
+    """Of this round, the seconds this peer sat idle."""
     payload_bytes: int
-    """Size of this peer's payload (what it uploads to each groupmate)."""
-    diverged: bool = False
-    """Most of the group held another consensus state than this peer: it must load theirs."""
-    contributed: bool = True
-    """This peer's own payload is in the applied update (its samples earn credit)."""
+
+    @property
+    def averaged(self) -> bool:
+        return self.failure is None and self.contributors >= 2
 
     def to_log(self) -> dict:
-        return asdict(self)
+        return asdict(self) | {"averaged": self.averaged}
 
 
-@dataclass
-class Exchange:
-    """One round's exchange: launched (``pending``), or already settled (local or bootstrap)."""
+class RoundExchanger:
+    """Owns the codec, the error-feedback residual and this peer's side of every round."""
 
-    round: int
-    work: RoundWork | None
-    """None for the empty exchange a peer starts with (it applies a zero update, reports nothing)."""
-    own: torch.Tensor
-    """This peer's own decoded payload: the update of a local round."""
-    payload_bytes: int = 0
-    pending: PendingExchange | None = None
-    failure: str | None = None
-    delta: torch.Tensor | None = None
-    """This peer's own outer gradient of the round (its progress on top of the consensus)."""
-    base_root: str = ""
-    """Root of the consensus state this peer held at launch."""
-    own_excluded: bool = False
-    """This peer loaded another consensus after launching: its own payload (computed against the
-    old one) is left out, and it applies the mean of the groupmates that hold the new one."""
-
-
-def outvoted(own_root: str, own_members: int, other_roots: Sequence[str]) -> bool:
-    """Whether a consensus root held by ``own_members`` members of a group loses to another root
-    of the group (``other_roots``: one entry per member holding it): the root with the most
-    members wins, a tie goes to the smaller root. Pure, so every member of a group that saw the
-    same records picks the same winner, and exactly its holders keep their state. (Comparing our
-    count with all the others together, as before, made every member of a group whose members
-    all held different roots give way, and with none serving its state the fork never healed.)"""
-    counts = Counter(other_roots)
-    if not counts:
-        return False
-    root, members = min(counts.items(), key=lambda item: (-item[1], item[0]))
-    return members > own_members or (members == own_members and root < own_root)
-
-
-class OuterExchanger:
-    """Owns the codec, the error-feedback residual and the peer's side of every exchange."""
-
-    def __init__(self, node: SwarmNode, manifest: RunManifest, peer_id: str, workdir: Path, numel: int):
-        self.node, self.peer_id, self.numel = node, peer_id, numel
+    def __init__(self, node: SwarmNode, manifest: RunManifest, key: SigningKey | None, peer_id: str,
+                 workdir: Path | None, numel: int):
+        self.node, self.key, self.peer_id, self.numel = node, key, peer_id, numel
         self.run_id = manifest.run_id
-        averaging = manifest.config.averaging
+        averaging, training = manifest.config.averaging, manifest.config.training
+        self.averaging = averaging
         self.codec = parse_codec(averaging.codec)
-        self.decay, self.aggregation = averaging.error_feedback_decay, averaging.aggregation
-        training = manifest.config.training
+        self.payload_size = payload_size(self.codec, numel)
+        self.clock = clock_of(manifest)
         self.max_weight = float(training.inner_steps * training.batch_size)
-        self.residual_path = workdir / RESIDUAL_FILE
+        self.residual_path = workdir / RESIDUAL_FILE if workdir is not None else None
         self.residual = self._load_residual()
+        self.recent: list[str] = []
+        """libp2p ids of the latest decided round's announcers."""
 
     def _load_residual(self) -> torch.Tensor:
         """The residual a previous life of this peer saved for this run and codec, else zeros."""
+        if self.residual_path is None:
+            return torch.zeros(self.numel)
         try:
             with safe_open(str(self.residual_path), framework="pt") as saved:
                 metadata = saved.metadata() or {}
@@ -138,85 +160,108 @@ class OuterExchanger:
         return residual if bool(torch.isfinite(residual).all()) else torch.zeros(self.numel)
 
     def _save_residual(self, round_: int) -> None:
+        if self.residual_path is None:
+            return
         metadata = {"run_id": self.run_id, "codec": self.codec.name, "round": str(round_)}
         write_atomic(self.residual_path, save_safetensors({"residual": self.residual.contiguous()}, metadata))
 
-    def empty(self, round_: int) -> Exchange:
-        """The zero-update exchange a peer holds after starting at a consensus state."""
-        return Exchange(round_, None, torch.zeros(self.numel))
-
-    def launch(self, work: RoundWork, delta: torch.Tensor, *, base_root: str, skip: str | None = None) -> Exchange:
-        """Compress Δ (with the residual) and start its exchange; ``skip`` keeps it local.
-        ``base_root`` is the root of the consensus state this peer holds (its θ_r)."""
-        payload, self.residual = compress_with_feedback(self.codec, delta, self.residual, decay=self.decay)
+    def announce(self, work: RoundWork, delta: torch.Tensor, *, base_root: str) -> Announced:
+        """Compress Δ (with the residual), keep the payload in the store, announce it."""
+        payload, self.residual = compress_with_feedback(self.codec, delta, self.residual, decay=self.averaging.error_feedback_decay)
         self._save_residual(work.round)
         own = decode(payload, self.codec, self.numel)
-        exchange = Exchange(work.round, work, own, payload_bytes=len(payload), failure=skip, delta=delta,
-                            base_root=base_root)
-        if skip is None:
-            member = GroupMember.for_payload(
-                peer_id=self.peer_id, round=work.round, weight=float(work.samples), codec=self.codec, payload=payload,
-                base_root=base_root,
-            )
-            try:
-                exchange.pending = self.node.start_exchange(
-                    round=work.round, payload=payload, member=member.to_wire(), weight=float(work.samples)
-                )
-            except TransportError as error:  # the residual already assumes this payload: a local round
-                exchange.failure = str(error)
-        return exchange
-
-    def resolve(self, exchange: Exchange) -> tuple[torch.Tensor, RoundOutcome | None]:
-        """(the update to apply, the round's outcome); waits for the exchange (bounded)."""
-        update, group_size, failure, seconds, waited = exchange.own, 1, exchange.failure, 0.0, 0.0
-        diverged = False
-        if exchange.pending is not None:
-            started = time.monotonic()
-            result = exchange.pending.result()
-            waited, seconds, failure = time.monotonic() - started, result.seconds, result.failure
-            if failure is None and result.missing:
-                # groupmates that got every payload would average a different set: stay out
-                failure = f"{result.missing} groupmate payload(s) did not arrive"
-            if failure is None:
-                update, group_size, failure, diverged = self._combine(exchange, result.payloads.values())
-        work = exchange.work
-        if work is None:
-            return update, None
-        busy = work.seconds + waited
-        return update, RoundOutcome(
-            round=work.round,
-            loss=work.loss,
-            samples=work.samples,
-            samples_per_second=work.samples / busy if busy > 0 else 0.0,
-            group_size=group_size,
-            averaged=failure is None,
-            failure=failure,
-            compute_seconds=work.seconds,
-            network_seconds=seconds,
-            wait_seconds=waited,
-            payload_bytes=exchange.payload_bytes,
-            diverged=diverged,
-            contributed=failure is None and not exchange.own_excluded,
-        )
-
-    def _combine(self, exchange: Exchange, entries) -> tuple[torch.Tensor, int, str | None, bool]:
-        """(update, group size, failure, diverged): a peer whose consensus another one outvotes in
-        the group (``outvoted``) stays out and must load that state."""
-        entries = list(entries)
-        if exchange.own_excluded:
-            entries = [(r, p) for r, p in entries if not (isinstance(r, dict) and r.get("peer_id") == self.peer_id)]
+        announced = Announced(work, own, len(payload), base_root)
         try:
-            group = combine(entries, codec=self.codec, numel=self.numel, round=exchange.round,
-                            max_weight=self.max_weight, base_root=exchange.base_root, aggregation=self.aggregation)
-        except InputError as error:  # MalformedRecord, or weights that do not sum to a finite number
-            return exchange.own, 1, str(error), False
-        others, ours = len(group.other_bases), len(group.members)
-        if outvoted(exchange.base_root, ours, group.other_bases):
-            return exchange.own, 1, f"{others} of the group hold another consensus state than this peer", True
-        if exchange.own_excluded:
-            return group.update, ours, None, False
-        if ours < 2 or self.peer_id not in {m.peer_id for m in group.members}:
-            why = "; ".join(group.rejected[:2]) or "no groupmate's payload arrived"
-            return exchange.own, 1, f"no usable groupmate ({why})", False
-        return group.update, ours, None, False
+            digest = self.node.hold_payload(payload, notify=self._keepers(work.round))
+            record = RoundAnnouncement.signed(
+                self.key, run_id=self.run_id, round=work.round, weight=float(work.samples), codec=self.codec.name,
+                payload_size=len(payload), payload_sha256=digest, base_root=base_root, loss=work.loss,
+                p2p_id=self.node.p2p_id, time=time.time(),
+            )
+            ttl = ANNOUNCE_ROUNDS * self.clock.seconds + 60.0
+            if not self.node.store(announcement_key(self.run_id, work.round), record.to_bytes(), ttl=ttl,
+                                   subkey=self.peer_id):
+                announced.failure = "the DHT did not take this round's announcement"
+        except (TransportError, DeadlineExceeded) as error:
+            announced.failure = str(error)
+        if announced.failure is not None:
+            self.take_back(announced)
+        return announced
 
+    def _keepers(self, round_: int) -> list[str]:
+        """Two announcers of the latest decided round (by a hash of this peer and round): asked to
+        fetch this peer's payload at once, so that it outlives this peer if it dies right after."""
+        others = sorted(h for h in self.recent if h != self.node.p2p_id)
+        random.Random(f"{self.peer_id}:{round_}").shuffle(others)
+        return others[:KEEPERS]
+
+    def take_back(self, announced: Announced) -> None:
+        """The round did not take this payload: its values go back to the residual (sent later)."""
+        self.residual += announced.own
+        self._save_residual(announced.work.round)
+
+    def decide(self, round_: int) -> RoundDecision:
+        """One read of the round's announcements, and the pure decision over them."""
+        raw = self.node.fetch(announcement_key(self.run_id, round_))
+        return decide(raw if isinstance(raw, dict) else {}, round_=round_, run_id=self.run_id, codec=self.codec.name,
+                      payload_size=self.payload_size, max_weight=self.max_weight,
+                      max_contributors=self.averaging.max_contributors,
+                      latest_time=self.clock.latest_announcement(round_))
+
+    def settle(self, round_: int, state_root: str, own: Announced | None = None,
+               stop=lambda: False) -> Settled:
+        """Round ``round_``'s update for a peer holding the consensus ``state_root`` (waits until the
+        round is decided; the fetch is bounded by ``round_deadline_seconds``)."""
+        while (wait := self.clock.decided(round_) - time.time()) > 0 and not stop():
+            time.sleep(min(wait, 0.25))
+        started = time.monotonic()
+        try:
+            decision = self.decide(round_)
+        except (TransportError, DeadlineExceeded) as error:
+            # the payload is not taken back: the round may hold it (a replay of the round tells)
+            return Settled(None, None, f"could not read the round's announcements: {error}", time.monotonic() - started)
+        self.recent = [m.p2p_id for m in (*decision.members, *decision.waiting)]
+        entered = own is not None and own.failure is None and decision.holds(self.peer_id)
+        if own is not None and own.failure is None and not entered:
+            self.take_back(own)
+        if decision.empty:
+            return Settled(decision, None, None, time.monotonic() - started)
+        if decision.base_root != state_root:
+            why = f"the round built on consensus {decision.base_root[:16]}, this peer holds {state_root[:16]}"
+            return Settled(decision, None, why, time.monotonic() - started, entered)
+        holders = [m.p2p_id for m in (*decision.members, *decision.waiting)]
+        wanted = []
+        for member in decision.members:
+            others = [h for h in holders if h != member.p2p_id]
+            random.Random(f"{self.peer_id}{member.payload_sha256}").shuffle(others)
+            # the author second: the first ask spreads the load over holders that already have it
+            wanted.append((member.payload_sha256, member.payload_size, [*others[:1], member.p2p_id, *others[1:]]))
+        try:
+            payloads = self.node.fetch_payloads(wanted, timeout=self.averaging.round_deadline_seconds)
+        except (TransportError, DeadlineExceeded) as error:
+            return Settled(decision, None, f"payload fetch failed: {error}", time.monotonic() - started, entered)
+        missing = [m for m in decision.members if m.payload_sha256 not in payloads]
+        if missing:
+            # A payload nobody served (its author left before anyone fetched it): the round is void
+            # here, θ stays as it is, and this peer's payload goes back to its residual. Peers that
+            # did fetch everything apply the round; the next round's base root says which side the
+            # swarm is on, and a peer on the other one repairs (it knows both outcomes).
+            if entered:
+                self.take_back(own)
+            void = f"{len(missing)} of the round's {len(decision.members)} payloads did not arrive"
+            return Settled(decision, None, None, time.monotonic() - started, void=void)
+        entries = [(_member(m).to_wire(), payloads[m.payload_sha256]) for m in decision.members]
+        try:
+            group = combine(entries, codec=self.codec, numel=self.numel, round=round_, max_weight=self.max_weight,
+                            base_root=decision.base_root, aggregation=self.averaging.aggregation)
+        except InputError:  # no payload usable: every peer rejects the same ones, so the round is empty everywhere
+            return Settled(decision, None, None, time.monotonic() - started)
+        return Settled(decision, group.update, None, time.monotonic() - started,
+                       entered and self.peer_id in {m.peer_id for m in group.members},
+                       tuple((m.peer_id, int(m.weight)) for m in group.members))
+
+
+def _member(record: RoundAnnouncement) -> GroupMember:
+    return GroupMember(peer_id=record.peer_id, round=record.round, weight=record.weight, codec=record.codec,
+                       payload_size=record.payload_size, payload_sha256=record.payload_sha256,
+                       base_root=record.base_root)

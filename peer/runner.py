@@ -2,19 +2,26 @@
 
     barnraise-peer join --coordinator http://127.0.0.1:8470 --workdir peer-1
 
-Each round publishes a signed progress record, runs H inner steps, compresses the outer
-gradient and exchanges it with the round's group (``peer.rounds``), applies the group's update
-with the outer step and prints one line per settled round. With ``averaging.overlap`` the
-exchange of round r runs while round r + 1's inner steps do, and its update is applied one
-round late. Ctrl+C settles the exchange in flight (bounded by its deadline) and leaves.
+Rounds are windows of wall-clock time (``protocol.consensus.RoundClock``). In each one the peer
+takes the inner steps that fit before the window closes (at most H), announces its compressed
+outer gradient, and settles the round once it is decided (``peer.rounds``): every peer applies
+the same update to the same consensus. Asynchronous (``averaging.overlap``, the default): the
+next window's steps start at once, and the round's update is applied between two of them as
+soon as it is in hand (``Trainer.advance(in_flight=True)``). A peer out of step (it missed a
+round's payloads, or joined late) replays the rounds it missed from their payloads; only when
+that cannot work does it download a peer's state. Ctrl+C settles the round in flight (bounded
+by its deadline) and leaves.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import signal
 import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,13 +31,14 @@ from safetensors.torch import save as save_safetensors
 from peer.coordinator_client import CoordinatorClient
 from peer.data import load_corpus
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_peer
-from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, SwarmView, progress_key, read_progress
-from peer.rounds import Exchange, OuterExchanger, RoundOutcome, RoundWork
+from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, progress_key
+from peer.rounds import ANNOUNCE_ROUNDS, Announced, RoundExchanger, RoundOutcome, RoundWork, Settled, clock_of
+from peer.state import RoundState, outer_step
 from peer.swarm import SwarmNode
 from peer.trainer import Trainer
 from peer.workdir import load_or_create_key, write_atomic
 from protocol.codecs import parse_codec, payload_size
-from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError, VerificationError
+from protocol.errors import BarnraiseError, DeadlineExceeded, MalformedRecord, TransportError, VerificationError
 from protocol.manifest import SignedManifest
 from protocol.records import PeerProgress
 from protocol.signing import key_id
@@ -38,9 +46,8 @@ from protocol.signing import key_id
 __all__ = ["PeerOptions", "run_peer"]
 
 _MANIFEST_WAIT = 30.0
-_CATCH_UP_TRIES = 5
-_CATCH_UP_PAUSE = 1.0
-_GATHER_WAIT = 180.0
+_STATE_TRIES = 3
+"""State downloads (the fallback) tried before training on from what this peer holds."""
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -51,25 +58,26 @@ class PeerOptions:
     initial_peers: tuple[str, ...] = ()
     workdir: Path = Path("barnraise-peer")
     host: str = "0.0.0.0"
-    """Address the peer's DHT and averager listen on."""
+    """Address the peer's DHT and payload store listen on."""
     coordinator_key: str | None = None
     """Pin: refuse a manifest not signed by this public key (hex)."""
     max_rounds: int | None = None
+    """Leave after taking part in this many rounds."""
     max_minutes: float | None = None
     device: str = "cpu"
     threads: int | None = None
+    slowdown: float = 1.0
+    """Test and benchmark knob: sleep (slowdown − 1) × each inner step's time after it."""
     snapshot_every: int = 0
     """Write the consensus parameters to ``snapshots/`` every N rounds (0: never)."""
-    wait_for_peers: int = 0
-    """Before the first round, wait (up to ``_GATHER_WAIT`` s) until this many peers are present."""
     save_state: Path | None = None
     """Write the consensus parameters here (safetensors) when leaving."""
     on_line: object = field(default=print, repr=False)
 
 
 class _StopFlag:
-    """First Ctrl+C/SIGTERM: stop after the current inner step, or once the averaging in flight
-    ends (within the round deadline), then publish and leave. Second Ctrl+C: leave now."""
+    """First Ctrl+C/SIGTERM: stop after the current inner step, settle the round in flight (within
+    its deadline), then publish and leave. Second Ctrl+C: leave now."""
 
     def __init__(self):
         self.requested = False
@@ -78,6 +86,10 @@ class _StopFlag:
         if self.requested and signum == signal.SIGINT:
             raise KeyboardInterrupt
         self.requested = True
+
+
+class OutOfStep(BarnraiseError):
+    """This peer cannot compute the swarm's consensus by replaying rounds."""
 
 
 def _manifest_from_swarm(node: SwarmNode, pin: str | None) -> SignedManifest:
@@ -92,6 +104,15 @@ def _manifest_from_swarm(node: SwarmNode, pin: str | None) -> SignedManifest:
     raise DeadlineExceeded(f"no run manifest found in the swarm within {_MANIFEST_WAIT:.0f} s")
 
 
+@dataclass
+class _InFlight:
+    """A round announced (or only followed) whose settle runs on the settler thread."""
+
+    round: int
+    announced: Announced | None
+    future: Future
+
+
 class PeerProcess:
     """Everything one running peer holds; ``run()`` is the round loop."""
 
@@ -103,25 +124,32 @@ class PeerProcess:
         self.peer_id = key_id(self.key.public_key_hex)
         self.corpus = load_corpus(self.manifest.config.data)
         self.trainer = Trainer(self.manifest, self.corpus, self.peer_id, options.device)
+        self.clock = clock_of(self.manifest)
+        self.overlap = self.manifest.config.averaging.overlap
         self.served: tuple[bytes | None, list[torch.Tensor]] = (None, [])
         self.contribution_path = options.workdir / "contribution.json"
         self.samples = _saved_samples(self.contribution_path, self.run_id)
         """Samples this peer (this key) has contributed to this run, across restarts."""
+        self.exchanger: RoundExchanger | None = None
+        self.settler = ThreadPoolExecutor(max_workers=1, thread_name_prefix="settle")
+        """Owns every background settle; shut down (bounded) when the peer leaves."""
+        self.in_flight: _InFlight | None = None
+        self.before: RoundState | None = None
+        """The consensus before the latest round was applied (to redo that round another way)."""
         self.last: RoundOutcome | None = None
-        self.overlap = self.manifest.config.averaging.overlap
-        self.exchanger: OuterExchanger | None = None
-        self.exchange: Exchange | None = None
-        """Overlap: the exchange of the consensus round (in flight, or empty after a fresh start)."""
-        self.drifted = False
-        """Our consensus state misses an update the swarm applied: load a peer's state next boundary."""
-        self.next_steps: int | None = None
-        """Overlap: inner steps of the next round when this peer launched late (None: all H)."""
         self.stop = _StopFlag()
         self.log_path = options.workdir / "rounds.jsonl"
         self.manifest_checked = -float("inf")
         self.published_root = ""
-        self.view: SwarmView | None = None
-        """The swarm as read just before this peer's latest launch (one DHT read per round)."""
+        self.step_seconds = 0.0
+        """The time one inner step takes here (slowdown included), as recently measured."""
+        self.last_hook: float | None = None
+        self.announce_seconds = 0.2
+        self.rounds_taken = 0
+        self.progress_stored = -float("inf")
+        self.announce_failure: str | None = None
+        self.next_window = -1
+        """Asynchronous: the window after the one this peer announced last (it may start early)."""
 
     def say(self, text: str) -> None:
         self.options.on_line(f"[peer {self.peer_id[:8]}] {text}")
@@ -137,110 +165,105 @@ class PeerProcess:
             averaging=averaging,
             state_source=self._serve,
         )
-        self.exchanger = OuterExchanger(self.node, self.manifest, self.peer_id, self.options.workdir, numel)
-        start = self._starting_state(read_progress(self.node, self.run_id))
-        self._adopt(start)
-        self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at {start.source}")
-        self._wait_for_peers(self.options.wait_for_peers)
+        self.exchanger = RoundExchanger(self.node, self.manifest, self.key, self.peer_id, self.options.workdir, numel)
+        start = self._recorded_state()
+        self.trainer.load(start.state)
+        source = start.source
+        if (wait := self.clock.opens(0) - time.time()) > 0:
+            self.say(f"round 0 opens in {wait:.0f} s")
+        now_round = self.clock.round_at(time.time())
+        try:
+            replayed = self._replay(now_round)
+            if replayed:
+                source += f", then {replayed} round(s) replayed from their payloads"
+        except OutOfStep as error:
+            self.say(f"cannot replay from {source} ({error}); loading a peer's state")
+            source = self._reload() or source
+        self._publish(store=True)
+        self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at round {self.trainer.state.round}: {source}")
         if self.options.snapshot_every > 0:
             self._snapshot()  # the first point of a curve: where training starts, and when
 
-    def _wait_for_peers(self, wanted: int) -> None:
-        """Start a fresh run together: wait until ``wanted`` peers (this one included) are present
-        at this round, or until the swarm is already past it, or ``_GATHER_WAIT`` seconds."""
-        deadline, present = time.monotonic() + _GATHER_WAIT, 1
-        while wanted > 1 and not self.stop.requested and time.monotonic() < deadline:
-            view = read_progress(self.node, self.run_id)
-            here = [r for r in view.alive() if r.round == self.trainer.state.round]
-            present = len({r.peer_id for r in here} | {self.peer_id})
-            if present >= wanted or view.max_round > self.trainer.state.round:
-                return
-            mine = view.records.get(self.peer_id)
-            if mine is None or time.time() - mine.time > PROGRESS_TTL / 2:
-                self._publish()  # stay visible to the others while waiting
-            time.sleep(1.0)
-        if wanted > 1 and not self.stop.requested:
-            self.say(f"only {present} of {wanted} peers after {_GATHER_WAIT:.0f} s; starting anyway")
-
-    def _adopt(self, start: StartingState) -> None:
-        """Load a verified consensus state, publish it, and pace the next round to the swarm.
-        Overlap: keep our exchange of that round if we are in it; otherwise hold an empty one, and
-        if a live peer served the state (its round's exchange was in flight without us) load a
-        newer state at the next boundary."""
-        self.trainer.load(start.state)
-        kept = self._hold_exchange(start) if self.overlap else None
-        self._publish()
-        if kept is not None:
-            # our payload was computed against the consensus we just replaced: take the mean of
-            # the groupmates that hold the one we loaded (they leave ours out the same way)
-            kept.base_root = self.published_root
-            kept.own_excluded = True
-        self._pace_after_load(start.state.round)
-
-    def _hold_exchange(self, start: StartingState) -> Exchange | None:
-        """The exchange to settle after loading ``start``; returns it when it is ours, kept."""
-        ours = self.exchange
-        if ours is not None and ours.round == start.state.round and ours.work is not None and ours.pending is not None:
-            self.drifted = False
-            self.trainer.rebase(ours.delta)  # our own progress of that round stays on top
-            return ours
-        if ours is not None and ours.pending is not None:
-            ours.pending.cancel()  # it would hold matchmaking for our next exchange
-        self.exchange = self.exchanger.empty(start.state.round)
-        self.drifted = start.live
-        return None
-
-    def _starting_state(self, view: SwarmView) -> StartingState:
-        others = [r for r in view.alive() if r.peer_id != self.peer_id]
-        if others and view.max_round == 0:  # nothing averaged yet: genesis is what they hold
-            try:
-                return state_from_genesis(self.manifest, self.trainer.layout)
-            except VerificationError as error:
-                self.say(f"could not rebuild genesis here ({error}); loading state from peers")
-        if others:
-            try:
-                return self._download_live_state()
-            except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
-                fallback = "the ledger's latest checkpoint" if self.client is not None else "genesis"
-                self.say(f"could not load state from peers ({error}); starting from {fallback}")
+    def _recorded_state(self) -> StartingState:
+        """The ledger's latest checkpoint (with a coordinator), else genesis rebuilt here."""
         if self.client is not None:
             folder = self.options.workdir / "checkpoints"
             start, _ledger = state_from_checkpoint(self.client, self.manifest, self.trainer.layout, folder)
             return start
         return state_from_genesis(self.manifest, self.trainer.layout)
 
-    def _download_live_state(self, at_least: int = 0) -> StartingState:
-        """A verified state of round ``at_least`` or later; donors publish theirs moments after
-        a round ends, so a too-old answer is retried a bounded number of times."""
-        timeout = self.manifest.config.averaging.round_deadline_seconds * 2
-        for attempt in range(_CATCH_UP_TRIES):
-            if attempt:
-                time.sleep(_CATCH_UP_PAUSE)
-            record_bytes, tensors = self.node.download_state(timeout=timeout)
-            start = state_from_peer(record_bytes, tensors, self.manifest, self.trainer.layout)
-            if start.state.round >= at_least:
-                break
-        return start
+    def _replay(self, target: int, *, in_flight: bool = False) -> int:
+        """Settle rounds from this peer's consensus round up to ``target`` (exclusive) without work of
+        our own: the rounds' announcements and payloads give their updates. Returns how many."""
+        done = 0
+        while self.trainer.state.round < target and not self.stop.requested:
+            round_ = self.trainer.state.round
+            if time.time() - self.clock.closes(round_) > (ANNOUNCE_ROUNDS - 2) * self.clock.seconds:
+                raise OutOfStep(f"round {round_} is too old to replay (its announcements have lapsed)")
+            settled = self.exchanger.settle(round_, self.published_root or self._root(), stop=lambda: self.stop.requested)
+            if settled.failure is not None and settled.decision is not None and self._repair(settled.decision.base_root):
+                continue  # the previous round redone the swarm's way: this one again
+            if settled.failure is not None:
+                raise OutOfStep(f"round {round_}: {settled.failure}")
+            self._advance(settled, in_flight=in_flight)
+            self.published_root = self._root()
+            done += 1
+        return done
 
-    def _catch_up(self, view: SwarmView) -> None:
-        """Download state when the swarm is ahead of us, or our last round was alone while
-        others averaged (our parameters have drifted from theirs)."""
-        mine = self.trainer.state.round
-        drifted = self.drifted or self.last is not None and not self.last.averaged and any(
-            r.averaged and r.peer_id != self.peer_id and r.round >= mine for r in view.alive()
-        )
-        if not (view.max_round > mine or drifted):
-            return
-        try:
-            start = self._download_live_state(at_least=max(view.max_round, mine))
-        except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
-            self.say(f"behind the swarm but could not load state ({error}); training on")
-            return
-        if start.state.round >= mine:
-            self._adopt(start)
-            self.say(f"caught up: now at {start.source}")
+    def _repair(self, target: str | None) -> bool:
+        """The swarm holds consensus ``target`` where this peer holds another: the previous round
+        went the other way here (void here and applied there, or the reverse). Redo it from the
+        state before it, both ways; True if one gives ``target``."""
+        before = self.before
+        if target is None or before is None or before.round + 1 != self.trainer.state.round:
+            return False
+        layout = self.trainer.layout
+        if before.root(layout) == target:  # the swarm voided the round
+            self.trainer.load(dataclasses.replace(before.copy(), round=before.round + 1))
+        else:
+            settled = self.exchanger.settle(before.round, before.root(layout))
+            if settled.failure is not None or settled.void is not None or settled.update is None:
+                return False
+            training = self.manifest.config.training
+            redone = outer_step(before, settled.update, lr=training.outer_lr, momentum=training.outer_momentum,
+                                nesterov=training.nesterov)
+            if redone.root(layout) != target:
+                return False
+            self.trainer.load(redone)
+        self.before = None
+        self.published_root = self._root()
+        self.say(f"repaired round {before.round}: now on the swarm's consensus {target[:16]}")
+        return True
 
-    def _publish(self) -> PeerProgress:
+    def _reload(self) -> str | None:
+        """Fallback: a live peer's state (verified against its signed record), then the rounds
+        since it replayed. Returns where the state came from, or None (training on from ours)."""
+        for attempt in range(_STATE_TRIES):
+            if self.stop.requested:
+                return None
+            try:
+                timeout = self.manifest.config.averaging.round_deadline_seconds
+                record_bytes, tensors = self.node.download_state(timeout=timeout)
+                start = state_from_peer(record_bytes, tensors, self.manifest, self.trainer.layout)
+                if start.state.round < self.trainer.state.round:
+                    raise VerificationError(f"the state served is of round {start.state.round}, older than ours")
+                self.trainer.load(start.state)
+                self.published_root = self._root()
+                self._replay(self.clock.round_at(time.time()))
+                return start.source
+            except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord, OutOfStep) as error:
+                if attempt == _STATE_TRIES - 1:
+                    self.say(f"could not load a peer's state ({error}); training on from round {self.trainer.state.round}")
+                time.sleep(1.0)
+        return None
+
+    def _root(self) -> str:
+        return self.trainer.state.root(self.trainer.layout)
+
+    def _publish(self, *, store: bool = False) -> PeerProgress:
+        """Sign a progress record for the consensus this peer holds and serve it with the state (for
+        the fallback state download); store it in the DHT when ``store``, or when the stored one is
+        a third of its TTL old (the round's announcement already says the peer is alive)."""
         state, last = self.trainer.state, self.last
         record = PeerProgress.signed(
             self.key,
@@ -249,19 +272,20 @@ class PeerProcess:
             samples=self.samples,
             loss=last.loss if last else 0.0,
             samples_per_second=last.samples_per_second if last else 0.0,
-            averaged_with=last.group_size if last else 1,
-            averaged=bool(last and last.averaged),
+            averaged_with=min(4096, max(1, last.contributors)) if last else 1,
+            averaged=bool(last and last.contributors >= 2),
             network_seconds=last.network_seconds if last else 0.0,
-            state_root=(root := state.root(self.trainer.layout)),
+            state_root=(root := self._root()),
             p2p_id=self.node.p2p_id,
             maddrs=self.node.maddrs[:16],
             time=time.time(),
         )
         self.published_root = root
-        # a drifted state is not the swarm's: joiners must not load it
-        self.served = (None, []) if self.drifted else (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
+        self.served = (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
         self.node.set_state_priority(state.round)
-        self.node.store(progress_key(self.run_id), record.to_bytes(), ttl=PROGRESS_TTL, subkey=self.peer_id)
+        if store or time.monotonic() - self.progress_stored > PROGRESS_TTL / 3:
+            self.node.store(progress_key(self.run_id), record.to_bytes(), ttl=PROGRESS_TTL, subkey=self.peer_id)
+            self.progress_stored = time.monotonic()
         self._keep_manifest()
         return record
 
@@ -276,42 +300,55 @@ class PeerProcess:
         if expires is None or expires - time.time() < MANIFEST_TTL / 3:
             self.node.store(MANIFEST_KEY, self.signed.to_bytes(), ttl=MANIFEST_TTL)
 
-    def _report(self, outcome: RoundOutcome, view: SwarmView) -> None:
-        total = sum(r.samples for r in view.alive() if r.peer_id != self.peer_id) + self.samples
-        share = self.samples / total if total else 1.0
+    def _report(self, outcome: RoundOutcome) -> None:
         line = (
             f"round {outcome.round:4d} | loss {outcome.loss:.3f} | {outcome.samples_per_second:6.0f} samples/s"
-            f" | averaged with {outcome.group_size} peer{'s' if outcome.group_size != 1 else ''}"
-            f" | net {outcome.network_seconds:4.1f}s, waited {outcome.wait_seconds:4.1f}s"
-            f" | sent {outcome.payload_bytes / 1024:.0f} KiB | contributed {self.samples} samples ({share:.0%})"
+            f" | {outcome.contributors} contributor{'s' if outcome.contributors != 1 else ''}"
+            f" | net {outcome.network_seconds:4.1f}s, idle {outcome.wait_seconds:4.1f}s"
+            f" | sent {outcome.payload_bytes / 1024:.0f} KiB | contributed {self.samples} samples"
         )
-        if not outcome.averaged:
-            line += f" | LOCAL ROUND: {outcome.failure}"
+        if outcome.failure is not None:
+            line += f" | OUT OF STEP: {outcome.failure}"
+        elif outcome.void is not None:
+            line += f" | ROUND VOID: {outcome.void}; the work goes out again next round"
+        elif outcome.waiting:
+            line += " | left for a later round (more than G contributed)"
+        elif not outcome.entered:
+            line += f" | NOT IN THE ROUND: {self.announce_failure or 'announced too late'}"
         self.say(line)
-        # the consensus root after this round's update: equal on groupmates that averaged together
-        entry = outcome.to_log() | {"state_round": self.trainer.state.round, "state_root": self.published_root,
-                                    "drifted": self.drifted}
+        entry = outcome.to_log() | {"state_round": self.trainer.state.round, "state_root": self.published_root}
         with self.log_path.open("a") as log:
             log.write(json.dumps(entry) + "\n")
 
-    def _settle(self, exchange: Exchange) -> None:
-        """Apply a finished (or failed) exchange's update with the outer step; report the round."""
-        update, outcome = self.exchanger.resolve(exchange)
-        self.trainer.apply_outer(update)
-        if outcome is not None:
-            if outcome.averaged and outcome.contributed:  # work not in the swarm's model earns no credit
-                self.samples += outcome.samples
-            if outcome.diverged:
-                self.drifted = True  # load the majority's state at the next boundary
+    def _advance(self, settled: Settled, *, in_flight: bool) -> None:
+        self.before = self.trainer.state.copy()
+        self.trainer.advance(settled.update, in_flight=in_flight)
+
+    def _settled(self, flight: _InFlight, settled: Settled, *, in_flight: bool, idle: float = 0.0) -> None:
+        """Apply a settled round (or note that this peer is out of step), publish, report."""
+        if settled.failure is None:
+            self._advance(settled, in_flight=in_flight)
+        work = flight.announced.work if flight.announced is not None else None
+        if work is not None and settled.entered:
+            self.samples += work.samples
             write_atomic(self.contribution_path, json.dumps({"run_id": self.run_id, "samples": self.samples}).encode())
-            self.last = outcome
-        # after the outcome is recorded: the record must say whether *this* round averaged (others'
-        # catch-up reads it), not the round before
+        if work is not None:
+            busy = work.seconds + idle
+            decision = settled.decision
+            self.last = RoundOutcome(
+                round=flight.round, loss=work.loss, samples=work.samples,
+                samples_per_second=work.samples / busy if busy > 0 else 0.0, contributors=settled.members,
+                entered=settled.entered,
+                waiting=decision is not None and any(w.peer_id == self.peer_id for w in decision.waiting),
+                void=settled.void, failure=settled.failure, compute_seconds=work.seconds,
+                network_seconds=settled.seconds, wait_seconds=idle, payload_bytes=flight.announced.payload_bytes,
+            )
         self._publish()
         if self.options.snapshot_every > 0 and self.trainer.state.round % self.options.snapshot_every == 0:
             self._snapshot()
-        if outcome is not None:
-            self._report(outcome, self.view or read_progress(self.node, self.run_id))
+        if work is not None:
+            self.announce_failure = flight.announced.failure
+            self._report(self.last)
 
     def _snapshot(self) -> None:
         """The consensus θ (not this peer's own start point) to snapshots/rNNNNNN.safetensors, with
@@ -325,82 +362,118 @@ class PeerProcess:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, save_safetensors(tensors, metadata))
 
+    def _land(self, *, in_flight: bool) -> float:
+        """Wait for the round in flight (bounded by its deadline) and apply it; returns the idle seconds."""
+        flight, self.in_flight = self.in_flight, None
+        if flight is None:
+            return 0.0
+        started = time.monotonic()
+        limit = self.clock.decided(flight.round) - time.time() + self.manifest.config.averaging.round_deadline_seconds + 30
+        try:
+            settled = flight.future.result(timeout=max(1.0, limit))
+        except FutureTimeout:
+            settled = Settled(None, None, "the round's settle ran past its deadline", limit)
+        except BarnraiseError as error:  # e.g. the averager process did not answer
+            settled = Settled(None, None, str(error), time.monotonic() - started)
+        idle = time.monotonic() - started
+        self._settled(flight, settled, in_flight=in_flight, idle=idle)
+        return idle
+
+    def _between_steps(self, stop_at: float) -> bool:
+        """Called before every inner step: apply a round update that has arrived; say whether one
+        more step still ends before ``stop_at`` (judged by the slowest of the recent steps)."""
+        first, now = self.last_hook is None, time.monotonic()
+        if self.last_hook is not None:
+            self.step_seconds = max(now - self.last_hook, 0.8 * self.step_seconds)
+        if self.in_flight is not None and self.in_flight.future.done():
+            self._land(in_flight=True)
+        self.last_hook = time.monotonic()
+        if self.stop.requested:
+            return True
+        if first:  # one step per window at least: a slow peer still contributes (or its work waits)
+            return time.time() >= stop_at
+        return time.time() + self.step_seconds > stop_at
+
+    def _catch_up(self, window: int) -> None:
+        """Before window ``window``'s steps: hold θ_window (θ_window-1 with its round in flight when
+        asynchronous); replay what is missing, or reload a peer's state when replay cannot work."""
+        need = window - 1 if self.in_flight is not None else window
+        if self.in_flight is not None and self.in_flight.round != need:
+            self._land(in_flight=False)  # an older round in flight: land it before replaying the rest
+            need = window
+        if self.trainer.state.round >= need:
+            return
+        try:
+            count = self._replay(need)
+            self.say(f"replayed {count} round(s) from their payloads: now at round {self.trainer.state.round}")
+        except OutOfStep as error:
+            self.say(f"out of step ({error}); loading a peer's state")
+            if (source := self._reload()) is not None:
+                self.say(f"caught up: now at round {self.trainer.state.round} ({source})")
+
     def _round(self) -> bool:
-        """One round: inner steps, settle the previous exchange (overlap), launch this one."""
-        round_ = self.trainer.state.round + (1 if self.overlap else 0)
-        inner = self.trainer.inner_steps(round_, lambda: self.stop.requested, steps=self.next_steps)
-        if self.stop.requested or inner.samples == 0:
+        """One window: catch up, inner steps until the window closes, announce, settle (async: in
+        the background). Returns False when the peer should stop."""
+        now = time.time()
+        # asynchronous: the next window's steps start as soon as this one is announced, a moment
+        # before it opens, so no compute time is lost to the announcement
+        window = max(self.clock.round_at(now), self.next_window if self.overlap else 0)
+        if (wait := self.clock.opens(window) - now) > 0 and window != self.next_window:  # before round 0 opens
+            time.sleep(min(wait, 1.0))
+            return not self.stop.requested
+        self._catch_up(window)
+        if self.stop.requested:
             return False
-        work = RoundWork(round_, inner.loss if math.isfinite(inner.loss) else 0.0, inner.samples, inner.seconds)
+        stop_at = self.clock.closes(window) - min(self.clock.seconds / 4, 0.1 + 1.5 * self.announce_seconds)
+        self.last_hook = None
+        inner = self.trainer.inner_steps(window, lambda: self._between_steps(stop_at), slowdown=self.options.slowdown)
+        if self.stop.requested:
+            return False  # a round cut short is not announced
+        if self.in_flight is not None:
+            self._land(in_flight=True)  # the previous round's update had not arrived: wait for it
+        if inner.samples == 0 or self.trainer.state.round != window:
+            if inner.samples:
+                self.say(f"round {window}: {inner.samples} samples not announced (consensus at round "
+                         f"{self.trainer.state.round}, not {window}); they are dropped")
+            self._sleep_until(self.clock.opens(window + 1))
+            return not self.stop.requested
+        work = RoundWork(window, inner.loss if math.isfinite(inner.loss) else 0.0, inner.samples, inner.seconds)
         delta = self.trainer.outer_gradient()
+        began = time.monotonic()
+        announced = self.exchanger.announce(work, delta, base_root=self.published_root)
+        self.announce_seconds = time.monotonic() - began
+        future = self.settler.submit(self.exchanger.settle, window, self.published_root, announced)
+        self.in_flight = _InFlight(window, announced, future)
+        self.rounds_taken += 1
+        self.next_window = window + 1
         if self.overlap:
-            self._settle(self.exchange)  # the consensus moves to round_ (and is published)
-        view = self.view = read_progress(self.node, self.run_id)
-        ahead = view.max_round
-        skip = f"behind the swarm (round {round_}, swarm at {ahead}): not averaging a stale update" if ahead > round_ else None
-        if self.overlap:
-            self.next_steps = self._steps_to_keep_pace(view, round_, inner.seconds / max(1, inner.samples))
-        exchange = self.exchanger.launch(work, delta, base_root=self.published_root, skip=skip)
-        if self.overlap:
-            self.exchange = exchange
-            self.trainer.rebase(delta)
+            self.trainer.rebase(delta)  # the next window starts from our own progress; the update lands on it
         else:
-            self._settle(exchange)
+            self._land(in_flight=False)
         return True
 
-    def _pace_after_load(self, round_: int) -> None:
-        """Overlap: the peers that published ``round_`` launched its exchange then and will launch
-        the next one H steps later; a peer that loads their state late shortens its first round."""
-        if not self.overlap:
-            return
-        view = read_progress(self.node, self.run_id)
-        speeds = [r.samples_per_second for r in view.alive() if r.peer_id != self.peer_id and r.samples_per_second > 0]
-        mine = self.last.samples_per_second if self.last and self.last.samples_per_second > 0 else None
-        speed = mine or (sorted(speeds)[len(speeds) // 2] if speeds else 0.0)
-        self.next_steps = self._steps_to_keep_pace(view, round_, 1.0 / speed if speed > 0 else 0.0)
-
-    def _steps_to_keep_pace(self, view: SwarmView, round_: int, seconds_per_sample: float) -> int | None:
-        """Overlap has no barrier, so a slower peer would drift a little later every round until it
-        missed its groups. Peers publish just before they launch; one that launches after the median
-        of the other live peers (those not at this round yet count as launching now) shortens its
-        next round by that lag (its weight, the samples, shrinks with it)."""
-        now = time.time()
-        others = sorted(
-            r.time if r.round == round_ else now
-            for r in view.alive() if r.peer_id != self.peer_id and r.round in (round_, round_ - 1)
-        )
-        if not others:
-            return None
-        lag = now - others[len(others) // 2]
-        training = self.manifest.config.training
-        step_seconds = seconds_per_sample * training.batch_size
-        if lag <= step_seconds or step_seconds <= 0:
-            return None
-        return max(1, training.inner_steps - math.ceil(lag / step_seconds))
+    def _sleep_until(self, moment: float) -> None:
+        while not self.stop.requested and (wait := moment - time.time()) > 0:
+            time.sleep(min(wait, 0.25))
 
     def run(self) -> int:
         started = time.monotonic()
         options = self.options
-        while not self.stop.requested:
-            if options.max_rounds is not None and self.trainer.state.round >= options.max_rounds:
-                break
-            if options.max_minutes is not None and time.monotonic() - started > options.max_minutes * 60:
-                break
-            # one DHT read per round: the launch just before read the swarm. Sync: a round that
-            # averaged kept this peer in step with its group, so that view is reused (a swarm that got
-            # ahead since shows at the next launch, which then skips averaging and the read after it is
-            # fresh); after a local or failed round the exchange's outcome is news: read again
-            settled_alone = self.last is None or not self.last.averaged or self.drifted
-            fresh = self.view is None or (not self.overlap and settled_alone)
-            self._catch_up(read_progress(self.node, self.run_id) if fresh else self.view)
-            if not self._round():
-                break
-        if self.overlap and self.exchange is not None and self.exchange.work is not None:
-            self._settle(self.exchange)  # the round in flight: bounded by its deadline
-            self.exchange = None
+        try:
+            while not self.stop.requested:
+                if options.max_rounds is not None and self.rounds_taken >= options.max_rounds:
+                    break
+                if options.max_minutes is not None and time.monotonic() - started > options.max_minutes * 60:
+                    break
+                if not self._round():
+                    break
+            if self.in_flight is not None:
+                self._land(in_flight=False)  # the round in flight: bounded by its deadline
+        finally:
+            self.settler.shutdown(wait=True, cancel_futures=True)
         if self.stop.requested:
             self.say("stop requested: leaving the swarm")
-        self._publish()
+        self._publish(store=True)
         if self.options.save_state is not None:
             self._save_state(self.options.save_state)
         self.say(f"stopped at round {self.trainer.state.round} after contributing {self.samples} samples")

@@ -73,3 +73,15 @@ class RoundState:
 
     def copy(self) -> RoundState:
         return RoundState(self.round, self.parameters.clone(), self.momentum.clone())
+
+
+def outer_step(state: RoundState, update: torch.Tensor | None, *, lr: float, momentum: float,
+               nesterov: bool) -> RoundState:
+    """θ_{r+1} from θ_r and the round's combined update (the same arithmetic on every peer, the
+    coordinator and any follower): ``m = μ·m + U``; ``θ − η·(U + μ·m)`` with Nesterov, else
+    ``θ − η·m``. A round nobody contributed to (``update`` None) moves nothing but the round."""
+    if update is None:
+        return RoundState(state.round + 1, state.parameters.clone(), state.momentum.clone())
+    moment = state.momentum.mul(momentum).add_(update)
+    step = update + momentum * moment if nesterov else moment
+    return RoundState(state.round + 1, state.parameters - lr * step, moment)

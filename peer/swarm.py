@@ -1,6 +1,6 @@
 """The adapter to hivemind: the only module of the peer that imports it.
 
-It speaks Barnraise's types (bytes of signed records, flat tensors, ``AverageOutcome``),
+It speaks Barnraise's types (bytes of signed records and payloads, flat tensors),
 so the round logic never sees hivemind's. The coordinator reuses ``SwarmNode`` through its
 own thin adapter (``coordinator/swarm.py``).
 """
@@ -8,6 +8,7 @@ own thin adapter (``coordinator/swarm.py``).
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import shutil
@@ -16,7 +17,6 @@ import tempfile
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
 from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name to find stream handlers)
@@ -33,8 +33,6 @@ os.environ.setdefault("HIVEMIND_LOGLEVEL", "CRITICAL")
 
 import hivemind  # noqa: E402
 from hivemind.averaging import DecentralizedAverager  # noqa: E402
-from hivemind.averaging.group_info import GroupInfo  # noqa: E402
-from hivemind.averaging.matchmaking import MatchmakingException  # noqa: E402
 from hivemind.compression import NoCompression  # noqa: E402
 from hivemind.dht.routing import DHTID  # noqa: E402
 from hivemind.dht.storage import DictionaryDHTValue  # noqa: E402
@@ -44,7 +42,7 @@ from hivemind.utils import MSGPackSerializer  # noqa: E402
 from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time  # noqa: E402
 
-__all__ = ["SwarmNode", "ExchangeResult", "PendingExchange", "StateSource"]
+__all__ = ["SwarmNode", "StateSource"]
 
 logger = logging.getLogger(__name__)
 
@@ -53,66 +51,18 @@ StateSource = Callable[[], tuple[bytes | None, list[torch.Tensor]]]
 
 _CHUNK_BYTES = 1 << 20
 """Payloads stream in messages of at most this size (libp2p's limit per message is 4 MiB)."""
-_KEPT_ROUNDS = 4
-"""Own payloads (and groups) the averager process keeps for groupmates still downloading."""
-_GROUP_WAIT = 10.0
-"""How long a payload request waits for this peer to learn the group it names."""
-_MATCHMAKING_POLL = 1.0
-"""Seconds between two reads of the group key while matchmaking. hivemind re-reads it as soon as
-its queue of potential leaders is empty, i.e. back to back for the whole matchmaking window on the
-peer that is the leader (about 100 DHT requests per peer and round, most of the round's bytes)."""
-
-
-@dataclass(frozen=True)
-class ExchangeResult:
-    """What one all-gather of compressed payloads really did."""
-
-    payloads: dict[str, tuple[object, bytes]]
-    """Each groupmate's (gathered record, payload), by libp2p id, this peer's own included.
-    Untrusted: records are still to be decoded and payloads checked against them."""
-    failure: str | None
-    """Why no group's payloads arrived, or None."""
-    seconds: float
-    """From the launch to the last payload in hand."""
-    missing: int = 0
-    """Groupmates whose payload could not be downloaded (left out of ``payloads``)."""
-
-
-class PendingExchange:
-    """An all-gather in flight in the averager's process; ``result`` waits for it (bounded)."""
-
-    def __init__(self, control, started: float, deadline_seconds: float):
-        self._control, self._started, self._deadline = control, started, started + deadline_seconds
-        self._result: ExchangeResult | None = None
-
-    def cancel(self) -> None:
-        """Abandon the exchange (its averager step stops holding matchmaking for the next one)."""
-        if self._result is None:
-            self._control.cancel()
-            self._result = ExchangeResult({}, "abandoned", time.monotonic() - self._started)
-
-    def result(self) -> ExchangeResult:
-        """Wait until the exchange ends or its deadline passes (then it is cancelled)."""
-        if self._result is not None:
-            return self._result
-        try:
-            gathered = self._control.result(timeout=max(0.0, self._deadline - time.monotonic()))
-        except TimeoutError:
-            self._control.cancel()
-            failure = "the exchange did not finish before its deadline"
-            self._result = ExchangeResult({}, failure, time.monotonic() - self._started)
-        except (Exception, asyncio.CancelledError) as error:  # a failed step: no payloads, reported, not hidden
-            self._result = ExchangeResult({}, f"{type(error).__name__}: {error}"[:200], time.monotonic() - self._started)
-        else:
-            self._result = _exchange_result(gathered, self._started)
-        return self._result
-
-
-def _exchange_result(gathered, started: float) -> ExchangeResult:
-    if not isinstance(gathered, dict) or "payloads" not in gathered:
-        return ExchangeResult({}, "no group formed before the deadline", time.monotonic() - started)
-    seconds = gathered["finished"] - started if isinstance(gathered.get("finished"), float) else 0.0
-    return ExchangeResult(dict(gathered["payloads"]), None, max(seconds, 0.0), int(gathered.get("missing", 0)))
+_KEPT_ROUNDS = 12
+"""Rounds of payloads (G + 1 each) a peer's store keeps, for followers replaying them."""
+_PER_HOLDER_SECONDS = 10.0
+"""How long one holder may take to serve a payload before the next one is asked."""
+_FETCH_PAUSE = 0.5
+"""Pause between two passes over a payload's holders (none had it yet)."""
+_NOTICE_SECONDS = 5.0
+"""Deadline of one notice (ask a peer to fetch a payload just announced)."""
+_MAX_PREFETCHES = 64
+"""Fetches on notice one averager runs at once (more notices are ignored)."""
+_GIVE_UP_PASSES = 6
+"""Passes over every holder (its author first or second) before a payload counts as lost."""
 
 
 class _StateSharingAverager(DecentralizedAverager):
@@ -133,141 +83,173 @@ class _StateSharingAverager(DecentralizedAverager):
         return metadata, tensors, None
 
 
-class _PayloadGatheringAverager(_StateSharingAverager):
-    """Matchmaking from hivemind, then an all-gather of compressed payloads instead of its
-    all-reduce: each groupmate downloads every other groupmate's payload (streamed, size-capped,
-    only to members of the group), so the payload bytes are exactly what crosses the network.
+class _PayloadAverager(_StateSharingAverager):
+    """Content-addressed payloads over libp2p: this peer's store, served to anyone who asks by
+    sha256, and fetches from any holder. hivemind's matchmaking and all-reduce are not used.
 
-    Runs in hivemind's averager process; the peer hands over its payload with ``offer_payload``
-    before each step, as a file in a private folder: hivemind's command pipe is non-blocking in
-    that process, and a message of megabytes can break partway through when the CPU is busy.
+    Runs in hivemind's averager process. Payloads cross between it and the peer's process as files
+    in a private folder: hivemind's command pipe is non-blocking in that process, and a message of
+    megabytes can break partway through when the CPU is busy.
     """
 
-    def __init__(self, *args, payload_limit: int, handoff: Path, **kwargs):
-        self._payload_limit = payload_limit
-        self._handoff = handoff
-        self._offered: OrderedDict[int, bytes] = OrderedDict()
-        self._groups: OrderedDict[bytes, tuple[bytes, frozenset[PeerID]]] = OrderedDict()
+    def __init__(self, *args, payload_limit: int, handoff: Path, kept: int, **kwargs):
+        self._payload_limit, self._handoff, self._kept = payload_limit, handoff, kept
+        self._store: OrderedDict[str, bytes] = OrderedDict()
+        self._prefetching: set[asyncio.Task] = set()
+        """Fetches started on another peer's notice (owned here, bounded by ``_MAX_PREFETCHES``)."""
         super().__init__(*args, **kwargs)
 
-    async def _step(self, **kwargs):
-        _pace_group_reads(self._matchmaking.group_key_manager, _MATCHMAKING_POLL)
-        return await super()._step(**kwargs)
+    def _call(self, method: str, wait: float, **kwargs):
+        future = MPFuture()
+        self._outer_pipe.send((method, [], dict(kwargs, future=future)))
+        try:
+            return future.result(timeout=wait)
+        except TimeoutError:
+            raise DeadlineExceeded(f"the averager process did not answer {method} within {wait:.0f} s") from None
 
-    def offer_payload(self, round_: int, payload: bytes) -> None:
-        """(Peer process) make ``payload`` this peer's part of the exchange of ``round_``."""
-        path = self._handoff / f"{round_}.payload"
+    def hold(self, payload: bytes, notify: Sequence[str] = ()) -> str:
+        """(Peer process) keep ``payload`` in the store and serve it, and tell the peers ``notify``
+        (libp2p ids) to fetch it at once, so that it outlives this peer; returns its sha256."""
+        digest = hashlib.sha256(payload).hexdigest()
+        path = self._handoff / f"{digest}.hold"
         partial = path.with_suffix(".partial")
         partial.write_bytes(payload)
         os.replace(partial, path)
-        future = MPFuture()
-        self._outer_pipe.send(("_offer_payload", [], dict(round_=round_, path=str(path), future=future)))
-        try:
-            future.result(timeout=30.0)
-        except TimeoutError:
-            raise TransportError("the averager process did not take this round's payload within 30 s") from None
+        self._call("_hold", 30.0, path=str(path), digest=digest, notify=list(notify))
+        return digest
 
-    async def _offer_payload(self, round_: int, path: str, future: MPFuture) -> None:
+    def fetch(self, wanted: Sequence[tuple[str, int, Sequence[str]]], timeout: float) -> dict[str, bytes]:
+        """(Peer process) the payloads ``(sha256, size, holders' libp2p ids)`` that arrived within
+        ``timeout``, each checked against its size and sha256, by sha256."""
+        got = self._call("_fetch", timeout + 30.0, wanted=[(d, n, list(h)) for d, n, h in wanted], timeout=timeout)
+        out = {}
+        for digest in got:
+            path = self._handoff / f"{digest}.fetched"
+            try:
+                out[digest] = path.read_bytes()
+                path.unlink()
+            except OSError:
+                continue
+        return out
+
+    def _keep(self, digest: str, payload: bytes) -> None:
+        self._store[digest] = payload
+        self._store.move_to_end(digest)
+        while len(self._store) > self._kept:
+            self._store.popitem(last=False)
+
+    async def _hold(self, path: str, digest: str, notify: list[str], future: MPFuture) -> None:
         try:
             payload = Path(path).read_bytes()
             os.unlink(path)
         except OSError as error:
             future.set_exception(TransportError(f"payload hand-off failed: {error}"))
             return
-        self._offered[round_] = payload
-        while len(self._offered) > _KEPT_ROUNDS:
-            self._offered.popitem(last=False)
+        self._keep(digest, payload)
         future.set_result(True)
+        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self.peer_id.to_bytes(),
+                                              weight=float(len(payload)))
+        for holder in notify:
+            self._own(self._notify(holder, request))
 
-    def _record(self, raw: bytes) -> object:
-        """A groupmate's gathered record, still untrusted (None if hivemind's framing is broken)."""
+    def _own(self, coroutine) -> None:
+        """Run ``coroutine`` as a task this averager holds until it ends (bounded in number)."""
+        if len(self._prefetching) >= _MAX_PREFETCHES:
+            coroutine.close()
+            return
+        task = asyncio.create_task(coroutine)
+        self._prefetching.add(task)
+        task.add_done_callback(self._prefetching.discard)
+
+    async def _notify(self, holder: str, request: averaging_pb2.AveragingData) -> None:
         try:
-            return self.serializer.loads(self.serializer.loads(raw)[2])
-        except Exception:  # a malformed record leaves out its sender only
+            stub = self.get_stub(self._p2p, PeerID.from_base58(holder), namespace=self.prefix)
+            await asyncio.wait_for(stub.rpc_notice(request), timeout=_NOTICE_SECONDS)
+        except Exception as error:  # a notice is a courtesy: the payload is still served from here
+            logger.debug("notice of %s to %s failed: %r", request.group_id.hex()[:16], holder, error)
+
+    async def rpc_notice(self, request: averaging_pb2.AveragingData, context: P2PContext) -> averaging_pb2.AveragingData:
+        """A peer announced a payload: fetch it from that peer now (bounded), so that it stays
+        available if its author leaves before the round is read."""
+        digest, size = request.group_id.hex(), int(request.weight)
+        if len(request.group_id) == 32 and digest not in self._store and 0 < size <= self._payload_limit:
+            self._own(self._prefetch(context.remote_id.to_base58(), digest, size))
+        return averaging_pb2.AveragingData()
+
+    async def _prefetch(self, holder: str, digest: str, size: int) -> None:
+        body = await self._download(holder, digest, size, _PER_HOLDER_SECONDS)
+        if body is not None and digest not in self._store:
+            self._keep(digest, body)
+
+    async def _fetch(self, wanted: list, timeout: float, future: MPFuture) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            found = await asyncio.gather(*(self._fetch_one(d, n, h, deadline) for d, n, h in wanted))
+            got = []
+            for (digest, _, _), ok in zip(wanted, found, strict=True):
+                if ok:
+                    path = self._handoff / f"{digest}.fetched"
+                    path.with_suffix(".partial").write_bytes(self._store[digest])
+                    os.replace(path.with_suffix(".partial"), path)
+                    got.append(digest)
+            future.set_result(got)
+        except Exception as error:  # reported to the peer, which treats the round as not settled
+            future.set_exception(TransportError(f"payload fetch failed: {error!r}"[:200]))
+
+    async def _fetch_one(self, digest: str, size: int, holders: list[str], deadline: float) -> bool:
+        """Ask the holders in turn until one serves the payload whole, or the deadline passes: one
+        that does not hold it yet answers with nothing at once. After ``_GIVE_UP_PASSES`` passes in
+        which none had it (its author gone before anyone fetched it) the payload counts as lost."""
+        if digest in self._store:
+            return True
+        for _ in range(_GIVE_UP_PASSES):
+            if time.monotonic() >= deadline:
+                return False
+            for holder in holders:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    return False
+                body = await self._download(holder, digest, size, min(remaining, _PER_HOLDER_SECONDS))
+                if body is not None:
+                    self._keep(digest, body)
+                    return True
+            await asyncio.sleep(_FETCH_PAUSE)
+        return False
+
+    async def _download(self, holder: str, digest: str, size: int, timeout: float) -> bytes | None:
+        """The payload from one holder, or None (not held, failed, too large, or a wrong hash)."""
+        if size > self._payload_limit:
             return None
-
-    async def _aggregate_with_group(self, group_info: GroupInfo, **kwargs) -> dict:
-        # hivemind registers a future for its all-reduce runner; there is none here, and a caller
-        # of its all-reduce RPC must be told "no such group" at once rather than wait on it
-        running = self._running_groups.pop(group_info.group_id, None)
-        if running is not None:
-            running.cancel()
-        records = [self._record(raw) for raw in group_info.gathered]
-        own_index = group_info.peer_ids.index(self.peer_id)
-        own = records[own_index] if isinstance(records[own_index], dict) else {}
-        payload = self._offered.get(own.get("round"))
-        if payload is None:
-            raise MatchmakingException(f"no payload offered for round {own.get('round')}")
-        self._groups[group_info.group_id] = (payload, frozenset(group_info.peer_ids))
-        while len(self._groups) > _KEPT_ROUNDS * 2:
-            self._groups.popitem(last=False)
-        # a member of another round or codec would be rejected anyway: do not download it
-        wanted = {k: own.get(k) for k in ("round", "codec", "payload_size")}
-        others = [
-            (i, p) for i, p in enumerate(group_info.peer_ids)
-            if p != self.peer_id and isinstance(records[i], dict) and all(records[i].get(k) == v for k, v in wanted.items())
-        ]
-        try:
-            fetched = await asyncio.gather(*(self._download(p, group_info.group_id) for _, p in others))
-        except Exception as error:  # hivemind retries or fails the step on this type only
-            raise MatchmakingException(f"payload exchange failed: {error!r}") from None
-        payloads = {str(self.peer_id): (own, payload)}
-        for (index, peer), body in zip(others, fetched, strict=True):
-            if body is not None:
-                payloads[str(peer)] = (records[index], body)
-        return {"payloads": payloads, "missing": len(others) + 1 - len(payloads), "finished": time.monotonic()}
-
-    async def _download(self, peer: PeerID, group_id: bytes) -> bytes | None:
-        """A groupmate's payload, or None if it failed or ran past the size limit."""
-        request = averaging_pb2.AveragingData(group_id=group_id, peer_id=self.peer_id.to_bytes())
+        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self.peer_id.to_bytes())
         received = bytearray()
 
         async def receive() -> None:
-            stub = self.get_stub(self._p2p, peer, namespace=self.prefix)
-            async for message in await stub.rpc_download_payload(request):
+            stub = self.get_stub(self._p2p, PeerID.from_base58(holder), namespace=self.prefix)
+            async for message in await stub.rpc_payload(request):
                 received.extend(message.metadata)
-                if len(received) > self._payload_limit:
-                    raise MatchmakingException("payload larger than the manifest allows")
+                if len(received) > size:
+                    raise TransportError("payload larger than announced")
 
         try:
-            # one stalled groupmate must not hold the others past the exchange's deadline
-            await asyncio.wait_for(receive(), timeout=0.8 * self._allreduce_timeout)
-        except Exception as error:  # a groupmate that fails or stalls is left out, and counted
-            logger.debug("payload download from %s failed: %r", peer, error)
+            await asyncio.wait_for(receive(), timeout=timeout)
+        except Exception as error:  # this holder failed: the next one is asked
+            logger.debug("payload %s from %s failed: %r", digest[:16], holder, error)
             return None
-        return bytes(received) if received else None
+        body = bytes(received)
+        if len(body) != size or hashlib.sha256(body).hexdigest() != digest:
+            return None
+        return body
 
-    async def rpc_download_payload(
+    async def rpc_payload(
         self, request: averaging_pb2.AveragingData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        """Serve this peer's payload of a group to the members of that group, and no one else."""
-        deadline = time.monotonic() + _GROUP_WAIT
-        while request.group_id not in self._groups and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
-        entry = self._groups.get(request.group_id)
-        if entry is None or context.remote_id not in entry[1]:
+        """Serve a payload this peer holds, by sha256, to anyone (payloads are public); nothing if
+        it does not hold it."""
+        payload = self._store.get(request.group_id.hex())
+        if payload is None:
             return
-        payload = entry[0]
         for start in range(0, len(payload), _CHUNK_BYTES):
             yield averaging_pb2.DownloadData(metadata=payload[start : start + _CHUNK_BYTES])
-
-
-def _pace_group_reads(key_manager, interval: float) -> None:
-    """(Averager process) make ``key_manager.get_averagers`` wait until ``interval`` seconds have
-    passed since its previous call: matchmaking then reads the DHT at most once per interval."""
-    if getattr(key_manager, "_barnraise_paced", False):
-        return
-    read, last = key_manager.get_averagers, [-float("inf")]
-
-    async def paced(*args, **kwargs):
-        wait = last[0] + interval - time.monotonic()
-        if wait > 0:
-            await asyncio.sleep(wait)
-        last[0] = time.monotonic()
-        return await read(*args, **kwargs)
-
-    key_manager.get_averagers = paced
-    key_manager._barnraise_paced = True
 
 
 async def _stored_value(_dht, node, key: str):
@@ -292,8 +274,7 @@ class SwarmNode:
     """One DHT node and, once a run is known, one averager on the run's prefix."""
 
     def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None):
-        self.averager: _PayloadGatheringAverager | None = None
-        self.round_deadline = 0.0
+        self.averager: _PayloadAverager | None = None
         self._handoff: Path | None = None
         try:
             self.dht = hivemind.DHT(
@@ -322,17 +303,11 @@ class SwarmNode:
         """
         sigint = signal.getsignal(signal.SIGINT)
         try:
-            self.averager = _PayloadGatheringAverager(
-                [torch.zeros(1)],  # hivemind's all-reduce is not used: payloads are all-gathered
+            self.averager = _PayloadAverager(
+                [torch.zeros(1)],  # hivemind's all-reduce is not used: payloads are fetched by hash
                 self.dht,
                 start=True,
                 prefix=prefix,
-                target_group_size=averaging.target_group_size,
-                min_group_size=averaging.min_group_size,
-                min_matchmaking_time=averaging.matchmaking_seconds,
-                # below the matchmaking time, as hivemind advises (equal ones can split a group)
-                request_timeout=min(3.0, averaging.matchmaking_seconds / 2),
-                allreduce_timeout=averaging.round_deadline_seconds,
                 state_compression=NoCompression(),
                 allow_state_sharing=state_source is not None,
                 declare_state_period=30.0,
@@ -340,10 +315,10 @@ class SwarmNode:
                 state_source=state_source,
                 payload_limit=payload_limit,
                 handoff=self._handoff_folder(),
+                kept=(averaging.max_contributors + 1) * _KEPT_ROUNDS,
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
-        self.round_deadline = averaging.round_deadline_seconds
 
     def _handoff_folder(self) -> Path:
         """A private folder (in shared memory when there is one) for handing payloads over."""
@@ -356,7 +331,7 @@ class SwarmNode:
         """Joiners download from the peer with the highest priority first (we use the round)."""
         self._need_averager().state_sharing_priority = float(priority)
 
-    def _need_averager(self) -> _PayloadGatheringAverager:
+    def _need_averager(self) -> _PayloadAverager:
         if self.averager is None:
             raise TransportError("the averager has not been started")
         return self.averager
@@ -369,17 +344,16 @@ class SwarmNode:
     def p2p_id(self) -> str:
         return self.dht.peer_id.to_base58()
 
-    def start_exchange(self, *, round: int, payload: bytes, member: dict, weight: float) -> PendingExchange:
-        """Launch the all-gather of ``payload`` with this round's group; returns at once.
+    def hold_payload(self, payload: bytes, notify: Sequence[str] = ()) -> str:
+        """Keep ``payload`` in this peer's store (served by sha256 to anyone) and ask the peers
+        ``notify`` (libp2p ids) to fetch a copy now; returns the sha256."""
+        return self._need_averager().hold(payload, notify)
 
-        ``member`` (this peer's record) reaches every groupmate through matchmaking. Matchmaking
-        is bounded by the round deadline and the download after it by the same again.
-        """
-        averager = self._need_averager()
-        started = time.monotonic()
-        averager.offer_payload(round, payload)
-        control = averager.step(gather=member, weight=weight, timeout=self.round_deadline, wait=False)
-        return PendingExchange(control, started, 2 * self.round_deadline)
+    def fetch_payloads(self, wanted: Sequence[tuple[str, int, Sequence[str]]], timeout: float) -> dict[str, bytes]:
+        """Fetch ``(sha256, size, holders)`` payloads (holders: libp2p ids, asked in turn), checked
+        against size and sha256; returns those that arrived within ``timeout``, by sha256. Each one
+        fetched is kept and served from here too."""
+        return self._need_averager().fetch(wanted, timeout)
 
     def store(self, key: str, value: bytes, *, ttl: float, subkey: str | None = None) -> bool:
         expiration = get_dht_time() + ttl

@@ -23,7 +23,7 @@ import torch
 
 from peer.data import Corpus, training_batch
 from peer.model import batch_loss, build_model
-from peer.state import RoundState, StateLayout
+from peer.state import RoundState, StateLayout, outer_step
 from protocol.manifest import RunManifest
 
 __all__ = ["Trainer", "InnerResult"]
@@ -79,19 +79,24 @@ class Trainer:
             offset += parameter.numel()
 
     def inner_steps(self, round: int, stop_requested=lambda: False, steps: int | None = None,
-                    first_step: int | None = None) -> InnerResult:
+                    first_step: int | None = None, first_window: int = 0, slowdown: float = 1.0) -> InnerResult:
         """Run round ``round``'s inner steps (H, or ``steps`` fewer) from x_r; returns the mean loss
-        (stops early if asked). ``first_step`` is the run's inner-step count at the round's start,
-        which sets the learning rate (default round × H)."""
+        (stops early if asked). ``first_step`` is the run's inner-step count at the first of these
+        steps, which sets the learning rate (default round × H + first_window). ``first_window`` is
+        the index within the round of the first of these steps: its windows are
+        ``training_batch(..., round=round, step=first_window + k)``, so a round run in two calls
+        (``steps=a``, then ``steps=b, first_step=s + a, first_window=a``) draws the same windows
+        at the same rates as one call of a + b steps."""
         training = self.config.training
-        first_step = round * training.inner_steps if first_step is None else first_step
+        first_step = round * training.inner_steps + first_window if first_step is None else first_step
         started, losses = time.monotonic(), []
         for step in range(min(training.inner_steps, steps or training.inner_steps)):
             if stop_requested():
                 break
+            began = time.monotonic()
             windows = training_batch(
                 self.corpus, self.config.data, training.batch_size,
-                peer_id=self.peer_id, round=round, step=step,
+                peer_id=self.peer_id, round=round, step=first_window + step,
             ).to(self.device)
             for group in self.inner.param_groups:  # the run's schedule: every peer of a round agrees
                 group["lr"] = training.inner_lr_at(first_step + step)
@@ -102,6 +107,8 @@ class Trainer:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), training.grad_clip)
             self.inner.step()
             losses.append(loss.item())
+            if slowdown > 1.0:  # a slower peer, for tests and benchmarks of uneven speeds
+                time.sleep((slowdown - 1.0) * (time.monotonic() - began))
         samples = len(losses) * training.batch_size
         mean = sum(losses) / len(losses) if losses else float("nan")
         return InnerResult(mean, samples, time.monotonic() - started)
@@ -123,3 +130,25 @@ class Trainer:
         parameters = self.state.parameters - training.outer_lr * update
         self.state = RoundState(self.state.round + 1, parameters, momentum)
         self._start_at(parameters)
+
+    def apply_outer_in_flight(self, outer_gradient: torch.Tensor) -> None:
+        """The outer step on the averaged Δ of the previous round, arriving while this round's
+        inner steps run (asynchronous rounds): the consensus moves θ → θ' exactly as
+        ``apply_outer`` moves it (momentum included), the live parameters keep the progress made
+        since the round started (x ← θ' + (x − x_r)), and from now on this round's Δ is measured
+        from θ' (x_r ← θ'). The inner AdamW state is untouched."""
+        progress = -self.outer_gradient()  # x − x_r, before apply_outer resets the model to θ'
+        self.apply_outer(outer_gradient)  # θ', the round counter and momentum; x_r = θ'
+        self._write_parameters(self.round_start + progress)
+
+    def advance(self, update: torch.Tensor | None, *, in_flight: bool = False) -> None:
+        """Move the consensus one round with the round's combined update (None: nobody contributed;
+        ``peer.state.outer_step``). ``in_flight``: as ``apply_outer_in_flight``, keep the progress
+        made since this round's steps started; otherwise start over at the new consensus."""
+        progress = -self.outer_gradient() if in_flight else None
+        training = self.config.training
+        self.state = outer_step(self.state, update, lr=training.outer_lr, momentum=training.outer_momentum,
+                                nesterov=training.nesterov)
+        self._start_at(self.state.parameters)
+        if progress is not None:
+            self._write_parameters(self.round_start + progress)

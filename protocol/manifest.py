@@ -153,32 +153,36 @@ class TrainingConfig:
 
 @dataclass(frozen=True, kw_only=True)
 class AveragingConfig:
-    """How outer gradients are compressed, exchanged and averaged among a round's group."""
+    """How rounds run, and how outer gradients are compressed, exchanged and combined in them."""
 
     codec: str = "bmax-c4096-b64-s2"
-    """Wire codec of each peer's outer gradient (``protocol.codecs``): ``fp16``, ``int8-b<B>``
-    or ``topk-c<C>-k<K>-q<Q>``; what the codec drops is carried to the next round (error feedback)."""
+    """Wire codec of each peer's outer gradient (``protocol.codecs``): ``fp16``, ``int8-b<B>``,
+    ``topk-c<C>-k<K>-{q<Q>,s2,f32}`` or ``bmax-c<C>-b<B>-s2``; what the codec drops is carried to
+    the next round (error feedback)."""
     error_feedback_decay: float = 0.95
     """β of error feedback: a peer compresses ``β × residual + Δ`` and keeps what the codec
     dropped as its new residual. 1.0 is plain error feedback; below 1 the residual decays, and
     acts as the outer momentum (SparseLoCo)."""
     aggregation: Literal["mean", "senders"] = "senders"
-    """How the group's payloads are combined, per coordinate: ``mean`` divides the weighted sum
+    """How a round's payloads are combined, per coordinate: ``mean`` divides the weighted sum
     by the weights of every member; ``senders`` by the weights of the members whose payload
     kept that coordinate (the same for dense codecs)."""
-    overlap: bool = False
-    """Start the next round's inner steps while this round's exchange is in flight and apply its
-    update one round late; False (the default, see docs/benchmarks.md) waits for each exchange
-    before the next round, which keeps peers of uneven speed in step."""
-    target_group_size: int = 4
-    """Largest group one averaging round forms."""
-    min_group_size: int = 2
-    """Smallest group worth averaging with; fewer peers means a local round (reported)."""
-    matchmaking_seconds: float = 3.0
-    """How long a peer looks for groupmates before averaging."""
+    overlap: bool = True
+    """Asynchronous rounds: start the next round's inner steps at once and apply this round's
+    update as soon as it arrives (``peer.trainer.Trainer.arrive``); False waits for it before the
+    next round's first step (docs/benchmarks.md compares the two)."""
+    round_seconds: float = 8.0
+    """W: a round is this window of wall-clock time, counted from the manifest's ``created_at``;
+    each peer takes the inner steps that fit its speed (at most ``training.inner_steps``)."""
+    settle_seconds: float = 1.5
+    """S: a round's announcements are read this long after its close (the DHT's store latency
+    plus clock skew: raise it for peers across the Internet)."""
+    max_contributors: int = 16
+    """G: at most this many contributions enter one round (every peer downloads all of them);
+    the others wait in their senders' residuals for a later round."""
     round_deadline_seconds: float = 30.0
-    """Deadline for matchmaking, and again for downloading the group's payloads; past either the
-    round is local (the peer applies its own decoded payload)."""
+    """How long a peer tries to fetch a round's payloads; past it the peer is out of step and
+    replays (or reloads) the rounds it missed."""
 
     def __post_init__(self) -> None:
         try:
@@ -187,16 +191,11 @@ class AveragingConfig:
             raise ConfigError(f"averaging.codec: {error}") from None
         _require(0 <= self.error_feedback_decay <= 1, "averaging.error_feedback_decay must lie in [0, 1]")
         _require(self.aggregation in ("mean", "senders"), "averaging.aggregation must be 'mean' or 'senders'")
-        _require(self.min_group_size >= 2, "averaging.min_group_size must be at least 2")
-        _require(
-            self.target_group_size >= self.min_group_size,
-            "averaging.target_group_size must be at least averaging.min_group_size",
-        )
-        _require(self.matchmaking_seconds > 0, "averaging.matchmaking_seconds must be positive")
-        _require(
-            self.round_deadline_seconds > self.matchmaking_seconds,
-            "averaging.round_deadline_seconds must exceed averaging.matchmaking_seconds",
-        )
+        _require(0 < self.round_seconds <= 86400, "averaging.round_seconds must lie in (0, 86400]")
+        _require(0 < self.settle_seconds <= self.round_seconds / 2,
+                 "averaging.settle_seconds must be positive and at most half of averaging.round_seconds")
+        _require(1 <= self.max_contributors <= 1024, "averaging.max_contributors must lie in [1, 1024]")
+        _require(self.round_deadline_seconds > 0, "averaging.round_deadline_seconds must be positive")
 
 
 @dataclass(frozen=True, kw_only=True)

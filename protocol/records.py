@@ -17,7 +17,7 @@ from protocol.errors import MalformedRecord, SignatureError
 from protocol.signing import SigningKey, key_id, verify_signature
 from protocol.wire import PROTOCOL_VERSION, Field, canonical_bytes, check_fields, decode_map, is_hex
 
-__all__ = ["PeerProgress", "FileRecord", "Contribution", "LedgerEntry", "GENESIS_PREV"]
+__all__ = ["PeerProgress", "RoundAnnouncement", "FileRecord", "Contribution", "LedgerEntry", "GENESIS_PREV"]
 
 GENESIS_PREV = "0" * 64
 """The ``prev`` of the genesis entry."""
@@ -157,6 +157,65 @@ class PeerProgress(_Signed):
         return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
 
     def verify(self) -> PeerProgress:
+        verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
+        return self
+
+
+@dataclass(frozen=True, kw_only=True)
+class RoundAnnouncement(_Signed):
+    """A peer's contribution to one round, stored in the DHT under the round's key at its close.
+
+    It names the payload by sha256 (payloads are content-addressed: any peer holding them serves
+    them), the averaging weight, and the consensus root the outer gradient was computed against.
+    The round's contributor set is decided from these records alone (``protocol.consensus``)."""
+
+    WHAT: ClassVar[str] = "round announcement"
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        _VERSION,
+        _RUN_ID,
+        Field("peer_id", str, lambda v: is_hex(v, 16), "key id: 16 hex digits"),
+        Field("peer_key", str, _hex64, "64 hex digits"),
+        Field("round", int, lambda v: 0 <= v < 2**40, "0 to 2**40"),
+        Field("weight", float, lambda v: 0 < v < 2**53, "positive samples"),
+        Field("codec", str, _short_str(64)),
+        Field("payload_size", int, lambda v: 0 < v < 2**40, "positive"),
+        Field("payload_sha256", str, _hex64, "64 hex digits"),
+        Field("base_root", str, _hex64, "64 hex digits"),
+        Field("loss", float, lambda v: 0 <= v < 1e6, "0 to 1e6"),
+        Field("p2p_id", str, _short_str(128)),
+        Field("time", float, _non_negative),
+        _SIGNATURE,
+    )
+
+    version: int = PROTOCOL_VERSION
+    run_id: str
+    peer_id: str
+    peer_key: str
+    round: int
+    weight: float
+    """Samples of this round's inner steps (the averaging weight)."""
+    codec: str
+    payload_size: int
+    payload_sha256: str
+    base_root: str
+    """Root of the consensus state θ_r the outer gradient was measured from."""
+    loss: float
+    """Mean training loss of the round's inner steps (nats/byte)."""
+    p2p_id: str
+    """The libp2p id the author serves its payload at."""
+    time: float
+    signature: str = ""
+
+    def __post_init__(self) -> None:
+        if key_id(self.peer_key) != self.peer_id:
+            raise MalformedRecord("round announcement: peer_id is not the key id of peer_key")
+
+    @classmethod
+    def signed(cls, key: SigningKey, **fields: Any) -> RoundAnnouncement:
+        draft = cls(peer_key=key.public_key_hex, peer_id=key_id(key.public_key_hex), **fields)
+        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
+
+    def verify(self) -> RoundAnnouncement:
         verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
         return self
 

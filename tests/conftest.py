@@ -45,13 +45,13 @@ name = "t"
 inner_steps = 10
 
 [averaging]
-matchmaking_seconds = 2.0
+round_seconds = 6.0
 round_deadline_seconds = 20.0
 
 [checkpoints]
 every_rounds = 3
 """
-"""The run every swarm test uses: ~5-8 s rounds with 3 peers on 2 cores."""
+"""The run every swarm test uses: rounds of 6 s, 3 peers on 2 cores."""
 
 P2PD_EXIT_SECONDS = 8.0
 """How long a p2pd may outlive its owner before it counts as leaked."""
@@ -336,3 +336,4 @@ def serve_coordinator(processes: Processes, root: Path, run_text: str) -> tuple[
 
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line("markers", "swarm: starts a real swarm of processes on loopback (slow)")
+    config.addinivalue_line("markers", "chaos: kills and restarts peers for minutes (slow; skip with -m \"not chaos\")")

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import socket
 import subprocess
 import time
@@ -103,10 +104,10 @@ name = "t"
 inner_steps = 60
 
 [averaging]
-matchmaking_seconds = 1.0
+round_seconds = 8.0
 round_deadline_seconds = 3.0
 """
-"""A lone peer's round: ~8 s of inner steps (so a Ctrl+C lands in them), then a 3 s averaging deadline."""
+"""A lone peer's round: windows of 8 s of inner steps (so a Ctrl+C lands in them)."""
 
 
 class Served:
@@ -148,7 +149,7 @@ def test_ctrl_c_stops_a_training_peer(procs: Processes, served: Served, tmp_path
     peer = procs.peer("peer", served.url, workdir, "--coordinator-key", served.public_key)
     wait_for_line(peer, "joined run t", 90)
     daemons = wait_until(peer.p2pd, 10, "the peer's p2pd", must_run=[peer])
-    time.sleep(1.5)  # into round 0's inner steps
+    time.sleep(1.5)  # into the first round's inner steps
     assert peer.running, peer.tail()
     started = time.monotonic()
     peer.interrupt()
@@ -157,8 +158,7 @@ def test_ctrl_c_stops_a_training_peer(procs: Processes, served: Served, tmp_path
     except subprocess.TimeoutExpired:
         pytest.fail(f"the peer did not exit within 40 s of Ctrl+C\n{peer.tail()}")
     assert code == 0, peer.tail()
-    assert "stopped at round 0" in peer.output(), peer.tail()
-    assert not (workdir / "rounds.jsonl").exists(), "a round cut short by Ctrl+C must not be reported as a round"
+    assert re.search(r"stopped at round \d+ after contributing \d+ samples", peer.output()), peer.tail()
     assert "Traceback" not in peer.stderr(), peer.tail()
     print(f"peer exited {time.monotonic() - started:.1f} s after Ctrl+C")
     wait_until(lambda: not (daemons & our_p2pd()), 8, "the peer's p2pd to exit after Ctrl+C")
@@ -166,21 +166,22 @@ def test_ctrl_c_stops_a_training_peer(procs: Processes, served: Served, tmp_path
 
 @pytest.fixture(scope="module")
 def lone_round(served: Served):
-    """A lone peer runs one round (no groupmate, so a local round) and leaves by itself."""
+    """A lone peer runs one round (it is the round's only contributor) and leaves by itself."""
     workdir = served.root / "lone"
     result = served.processes.run("peer.cli", "join", "--coordinator", served.url, "--workdir", workdir,
                                   "--host", "127.0.0.1", "--threads", "1", "--max-rounds", "1", timeout=120)
     return result, workdir
 
 
-def test_a_lone_peer_reports_its_round_as_local(lone_round):
+def test_a_lone_peer_reports_a_round_of_one_contributor(lone_round):
     result, workdir = lone_round
     assert result.returncode == 0, result.stderr
     (only,) = read_rounds(workdir)
-    assert only["round"] == 0 and not only["averaged"] and only["group_size"] == 1, only
-    assert only["failure"], only
-    assert "LOCAL ROUND:" in result.stdout and "stopped at round 1" in result.stdout, result.stdout
-    assert "Traceback" not in result.stderr, "a failed all-reduce is reported by the round line, not a traceback"
+    assert not only["averaged"] and only["contributors"] == 1 and only["entered"] and only["failure"] is None, only
+    assert only["state_round"] == only["round"] + 1, only
+    assert "| 1 contributor |" in result.stdout, result.stdout
+    assert re.search(r"stopped at round \d+ after contributing \d+ samples", result.stdout), result.stdout
+    assert "Traceback" not in result.stderr
 
 
 # --- barnraise-audit --------------------------------------------------------------------------

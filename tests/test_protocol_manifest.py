@@ -69,10 +69,10 @@ ALTERNATIVE = {
         "codec": "int8-b256",
         "error_feedback_decay": 0.9,
         "aggregation": "mean",
-        "overlap": True,
-        "target_group_size": 8,
-        "min_group_size": 3,
-        "matchmaking_seconds": 5.0,
+        "overlap": False,
+        "round_seconds": 30.0,
+        "settle_seconds": 4.0,
+        "max_contributors": 8,
         "round_deadline_seconds": 60.0,
     },
     "checkpoints": {"every_rounds": 3},
@@ -126,8 +126,8 @@ def test_minimal_toml_gives_the_documented_defaults():
         min_lr_ratio=0.1,
     )
     assert config.averaging == AveragingConfig(
-        codec="bmax-c4096-b64-s2", error_feedback_decay=0.95, aggregation="senders", overlap=False,
-        target_group_size=4, min_group_size=2, matchmaking_seconds=3.0, round_deadline_seconds=30.0
+        codec="bmax-c4096-b64-s2", error_feedback_decay=0.95, aggregation="senders", overlap=True,
+        round_seconds=8.0, settle_seconds=1.5, max_contributors=16, round_deadline_seconds=30.0
     )
     assert config.checkpoints == CheckpointConfig(every_rounds=5)
 
@@ -243,10 +243,10 @@ def test_wrong_types_are_named(section, line, match):
         ("training", "min_lr_ratio = 1.5", r"training\.min_lr_ratio must lie in \[0, 1\]"),
         ("averaging", "error_feedback_decay = 1.01", r"averaging\.error_feedback_decay must lie in \[0, 1\]"),
         ("averaging", "error_feedback_decay = -0.1", r"averaging\.error_feedback_decay must lie in \[0, 1\]"),
-        ("averaging", "min_group_size = 1", r"averaging\.min_group_size must be at least 2"),
-        ("averaging", "min_group_size = 5", r"averaging\.target_group_size must be at least averaging\.min_group_size"),
-        ("averaging", "matchmaking_seconds = 0", r"averaging\.matchmaking_seconds must be positive"),
-        ("averaging", "round_deadline_seconds = 3.0", r"averaging\.round_deadline_seconds must exceed"),
+        ("averaging", "round_seconds = 0", r"averaging\.round_seconds must lie in \(0, 86400\]"),
+        ("averaging", "settle_seconds = 5.0", r"averaging\.settle_seconds must be positive and at most half"),
+        ("averaging", "max_contributors = 0", r"averaging\.max_contributors must lie in \[1, 1024\]"),
+        ("averaging", "round_deadline_seconds = 0", r"averaging\.round_deadline_seconds must be positive"),
         ("checkpoints", "every_rounds = 0", r"checkpoints\.every_rounds must be positive"),
     ],
 )
@@ -279,8 +279,8 @@ def test_config_errors_are_input_errors():
 # Manifest: wire form, run id, signature
 # ---------------------------------------------------------------------------------------
 
-RUN_ID_KAT = "11a14624874a87be"
-SIGNATURE_KAT = "4dc8cf6d916fe23f2e9f412b4e76e15edec185962f48cb5ed07e8253286a3b8b0d92f9cab2925f13093f94162ef9a050b4763e9ca4a96fcb2e4e71e8633a7d0b"
+RUN_ID_KAT = "5965bd5ae4db6f70"
+SIGNATURE_KAT = "47579bc625502c9c65bf5d5a7b6eca94fcf46a5acfc7c0d7033d6236a6cada663771a1b59ba58552f5dc65107dcb7cd1b0822dcff3a84b5c20193a1b4e23ab0e"
 
 
 def test_manifest_known_answers():
@@ -532,15 +532,14 @@ def run_configs(draw) -> RunConfig:
         outer_momentum=draw(unit),
         nesterov=draw(st.booleans()),
     )
-    min_group = draw(st.integers(2, 64))
-    matchmaking = draw(st.floats(0.01, 100.0))
+    round_seconds = draw(st.floats(0.1, 86400.0))
     averaging = AveragingConfig(
         codec=draw(st.sampled_from(["fp16", "int8-b256", "topk-c4096-k64-q2", "topk-c1024-k8-q4"])),
         overlap=draw(st.booleans()),
-        target_group_size=draw(st.integers(min_group, 128)),
-        min_group_size=min_group,
-        matchmaking_seconds=matchmaking,
-        round_deadline_seconds=matchmaking + draw(st.floats(0.01, 1000.0)),
+        round_seconds=round_seconds,
+        settle_seconds=draw(st.floats(0.01, round_seconds / 2)),
+        max_contributors=draw(st.integers(1, 1024)),
+        round_deadline_seconds=draw(st.floats(0.01, 1000.0)),
     )
     name = draw(st.text(alphabet="abcXYZ019-_", min_size=1, max_size=64))
     return RunConfig(

@@ -15,6 +15,7 @@ import math
 import re
 import shutil
 import struct
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,12 +36,13 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from peer.rounds import OuterExchanger, RoundWork
+from peer.rounds import RoundExchanger, RoundWork, clock_of
 from peer.swarm import SwarmNode
 from protocol.codecs import compress_with_feedback, decode, parse_codec, payload_size
 from protocol.ledger import entries_from_jsonl
 from protocol.manifest import AveragingConfig, RunConfig, RunManifest
 from protocol.records import LedgerEntry
+from protocol.signing import SigningKey, key_id
 
 pytestmark = pytest.mark.swarm
 
@@ -55,19 +57,20 @@ CODEC = "topk-c1024-k32-q2"
 
 def _exchange_manifest(aggregation: str = "mean", decay: float = 1.0):
     config = RunConfig(name="exchange", averaging=AveragingConfig(
-        codec=CODEC, target_group_size=EXCHANGE_PEERS, min_group_size=EXCHANGE_PEERS, matchmaking_seconds=2.0,
-        aggregation=aggregation, error_feedback_decay=decay))
-    return RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=0.0)
+        codec=CODEC, round_seconds=4.0, settle_seconds=1.0, aggregation=aggregation, error_feedback_decay=decay))
+    return RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=time.time())
 
 
 @pytest.mark.parametrize(("aggregation", "decay"), [("mean", 1.0), ("senders", 0.95)])
 def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path, aggregation, decay):
-    """4 SwarmNodes on loopback run the peer's exchange (codec, error feedback, all-gather, combine)
-    for several rounds: every peer's update must be the weighted mean of all 4 decoded payloads
-    (per coordinate over all peers, or over the peers that sent it) and bit-identical across
-    peers, so a silent fallback to a peer's own values cannot pass."""
+    """4 SwarmNodes on loopback run the peer's round (codec, error feedback, announcement in the
+    DHT, payloads fetched by sha256, combine) for several rounds: every peer's update must be the
+    weighted mean of all 4 decoded payloads (per coordinate over all peers, or over the peers that
+    sent it) and bit-identical across peers, so a silent fallback to a peer's own values cannot
+    pass. Then a payload is fetched from a peer that is not its author."""
     p2pd_before = our_p2pd()
     manifest = _exchange_manifest(aggregation, decay)
+    clock = clock_of(manifest)
     codec = parse_codec(CODEC)
     nodes: list[SwarmNode] = []
     try:
@@ -77,17 +80,20 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path,
         for node in nodes:
             node.start_averager(prefix="test_exchange", payload_limit=payload_size(codec, VECTOR_SIZE),
                                 averaging=manifest.config.averaging)
-        exchangers = [OuterExchanger(node, manifest, f"{i:016x}", tmp_path / f"p{i}", VECTOR_SIZE)
-                      for i, node in enumerate(nodes)]
+        keys = [SigningKey.generate() for _ in nodes]
+        exchangers = [RoundExchanger(node, manifest, k, key_id(k.public_key_hex), tmp_path / f"p{i}", VECTOR_SIZE)
+                      for i, (node, k) in enumerate(zip(nodes, keys, strict=True))]
         for i in range(EXCHANGE_PEERS):
             (tmp_path / f"p{i}").mkdir()
         generator = torch.Generator().manual_seed(0)
-        for round_ in range(EXCHANGE_ROUNDS):
+        for _ in range(EXCHANGE_ROUNDS):
+            round_ = clock.round_at(time.time()) + 1
+            time.sleep(max(0.0, clock.opens(round_) - time.time()))
             deltas = [torch.randn(VECTOR_SIZE, generator=generator) * (i + 1) for i in range(EXCHANGE_PEERS)]
             works = [RoundWork(round_, 1.0, 16 * (i + 1), 0.1) for i in range(EXCHANGE_PEERS)]
             residuals_before = [e.residual.clone() for e in exchangers]
-            exchanges = [e.launch(w, d, base_root="ab" * 32) for e, w, d in zip(exchangers, works, deltas, strict=True)]
-            results = [e.resolve(x) for e, x in zip(exchangers, exchanges, strict=True)]
+            announced = [e.announce(w, d, base_root="ab" * 32) for e, w, d in zip(exchangers, works, deltas, strict=True)]
+            results = [e.settle(round_, "ab" * 32, a) for e, a in zip(exchangers, announced, strict=True)]
 
             # What each peer sent, recomputed independently: codec(Δ + residual) and its decoding.
             decoded = [decode(compress_with_feedback(codec, d, r.clone(), decay=decay)[0], codec, VECTOR_SIZE)
@@ -99,19 +105,30 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path,
             else:  # q2 levels are never 0: a coordinate is sent exactly where its decoding is not 0
                 senders = sum(w * (x != 0).double() for w, x in zip(weights, decoded, strict=True))
                 expected = expected / senders.clamp(min=1.0)
-            for index, (update, outcome) in enumerate(results):
-                assert outcome is not None and outcome.averaged, f"round {round_}, peer {index}: {outcome}"
-                assert outcome.group_size == EXCHANGE_PEERS, f"round {round_}, peer {index}: {outcome}"
-                assert outcome.payload_bytes == payload_size(codec, VECTOR_SIZE)
+            for index, settled in enumerate(results):
+                assert settled.failure is None and settled.entered, f"round {round_}, peer {index}: {settled}"
+                assert settled.members == EXCHANGE_PEERS, f"round {round_}, peer {index}: {settled}"
+                assert announced[index].payload_bytes == payload_size(codec, VECTOR_SIZE)
+                update = settled.update
                 assert torch.allclose(update.double(), expected, rtol=1e-5, atol=1e-6), (
                     f"round {round_}, peer {index}: off the mean of the decoded payloads by "
                     f"{float((update.double() - expected).abs().max()):.3g}"
                 )
-                assert torch.equal(update, results[0][0]), f"round {round_}: peers 0 and {index} differ"
+                assert torch.equal(update, results[0].update), f"round {round_}: peers 0 and {index} differ"
                 # the check can fail: a peer's own decoded payload is far from the group's mean
                 assert not torch.allclose(decoded[index].double(), expected, rtol=1e-5, atol=1e-6)
             for exchanger, before, delta, sent in zip(exchangers, residuals_before, deltas, decoded, strict=True):
                 assert torch.allclose(exchanger.residual, decay * before + delta - sent, atol=1e-5), "error feedback lost"
+        # content-addressed: peer 2 holds peer 0's payload after fetching it, and serves it to a newcomer
+        member = results[0].decision.members[0]
+        author = next(n for n in nodes if n.p2p_id == member.p2p_id)
+        other = next(n for n in nodes if n is not author)
+        newcomer = SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"])
+        nodes.append(newcomer)
+        newcomer.start_averager(prefix="test_exchange", payload_limit=payload_size(codec, VECTOR_SIZE),
+                                averaging=manifest.config.averaging)
+        got = newcomer.fetch_payloads([(member.payload_sha256, member.payload_size, [other.p2p_id])], timeout=20.0)
+        assert hashlib.sha256(got[member.payload_sha256]).hexdigest() == member.payload_sha256
     finally:
         for node in nodes:
             node.shutdown()
@@ -165,7 +182,7 @@ def run(tmp_path_factory):
 
 
 def _averaged_rounds_since(rounds: list[dict], start: int) -> int:
-    return sum(1 for r in rounds[start:] if r["averaged"] and r["group_size"] >= 2)
+    return sum(1 for r in rounds[start:] if r["failure"] is None and r["contributors"] >= 2)
 
 
 def test_three_peers_average_every_round(run: Run):
@@ -175,24 +192,21 @@ def test_three_peers_average_every_round(run: Run):
         rounds = read_rounds(run.peer_dir(index))
         numbers = [r["round"] for r in rounds]
         assert numbers == sorted(set(numbers)), f"p{index}: rounds out of order: {numbers}"
-        # The first round may run while the swarm is still forming. Overlapped rounds have no
-        # barrier, so on 2 shared cores a peer can fall a round out of step (it then rejoins; its
-        # round is local and says why); most rounds must still average all 3 peers' payloads.
+        # The first round may close before the other peers have joined; from the second on every
+        # round holds all 3 payloads, this peer's included.
         later = rounds[1:]
-        full = [r for r in later if r["averaged"] and r["failure"] is None and r["group_size"] == PEERS]
-        assert len(full) >= max(2, (2 * len(later)) // 3), f"p{index}: {len(full)} of {len(later)} rounds with all 3: {later}"
-    # Peers that averaged a round together hold bit-identical consensus states after it (the same
-    # payloads, combined in the same order): compare the roots they published.
+        full = [r for r in later if r["failure"] is None and r["entered"] and r["contributors"] == PEERS]
+        assert full == later, f"p{index}: {len(full)} of {len(later)} rounds with all 3: {later}"
+    # One consensus per round: every peer holds the same root after every round (the same
+    # payloads, combined in the same order, the same outer step).
     logs = [read_rounds(run.peer_dir(i)) for i in range(1, PEERS + 1)]
     roots: dict[int, set[str]] = {}
     for log in logs:
         for r in log:
-            if r["averaged"] and r["group_size"] == PEERS and not r["drifted"]:
-                roots.setdefault(r["state_round"], set()).add(r["state_root"])
-    assert roots, "no round averaged by all 3 peers"
-    assert all(len(found) == 1 for found in roots.values()), f"groupmates diverged: {roots}"
-    line = wait_for_line(run.peers[0], "averaged with 3 peers", 5)
-    assert "LOCAL ROUND" not in line
+            roots.setdefault(r["state_round"], set()).add(r["state_root"])
+    assert all(len(found) == 1 for found in roots.values()), f"the consensus forked: {roots}"
+    line = wait_for_line(run.peers[0], "3 contributors", 5)
+    assert "OUT OF STEP" not in line
 
     # "Averaged" must mean an outer step on a real outer gradient: a checkpoint past genesis holds
     # the outer momentum, the running sum of the averaged Δs, which is zero only if every Δ was.
@@ -204,8 +218,8 @@ def test_three_peers_average_every_round(run: Run):
 
 
 _JOINED = re.compile(
-    r"joined run \S+ \([0-9a-f]{16}\) at (?:round (\d+) from peer [0-9a-f]{16} \(root [0-9a-f]{16} matches its signed"
-    r" record\)|checkpoint of round (\d+) \(ledger entry \d+, root [0-9a-f]{16} verified\))"
+    r"joined run \S+ \([0-9a-f]{16}\) at round (\d+): checkpoint of round (\d+) \(ledger entry \d+, root [0-9a-f]{16}"
+    r" verified\), then (\d+) round\(s\) replayed from their payloads"
 )
 
 
@@ -218,14 +232,15 @@ def test_late_joiner_starts_from_verified_state(run: Run):
         line = wait_for_line(late, "joined run", 90)
         match = _JOINED.search(line)
         assert match, line
-        joined_round = int(match.group(1) or match.group(2))
-        assert joined_round > 0, line
+        # follow by replay: the joiner loads the ledger's checkpoint and replays the rounds since
+        # from their payloads; no volunteer uploads a full state to it
+        joined_round, checkpoint_round, replayed = map(int, match.groups())
+        assert joined_round == checkpoint_round + replayed > checkpoint_round, line
         wait_until(lambda: _averaged_rounds_since(read_rounds(late_dir), 0) >= 1, 90,
                    "an averaged round on the late peer", must_run=[late])
         rounds = read_rounds(late_dir)
         assert rounds[0]["round"] >= joined_round > 0
-        averaged = [r for r in rounds if r["averaged"]]
-        assert averaged and all(r["group_size"] >= 2 and r["failure"] is None for r in averaged), rounds
+        assert all(r["failure"] is None for r in rounds), rounds
     finally:
         codes = run.processes.stop(late, grace=45)
     assert codes == [0], late.tail()
@@ -253,6 +268,7 @@ def test_peers_train_on_without_the_coordinator_and_it_resumes(run: Run):
     assert [e.entry_hash for e in after[: len(before)]] == [e.entry_hash for e in before]
     wait_until(lambda: len(run.ledger()) > len(after), 90, "a checkpoint recorded after the relaunch",
                must_run=[relaunched, *run.peers])
+    assert "lapsed" not in relaunched.output(), "the relaunched coordinator loaded a peer's state instead of replaying"
     newest = run.ledger()
     assert newest[-1].round > after[-1].round
     assert [e.entry_hash for e in newest[: len(before)]] == [e.entry_hash for e in before]
