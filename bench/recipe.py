@@ -3,7 +3,7 @@
 A recipe's defaults are the manifest's defaults (``protocol.manifest``), so ``Recipe(name="default")``
 is what a run launched with an empty ``[training]`` and ``[averaging]`` does. ``run_config`` turns a
 recipe into the run config a coordinator would sign (the parts a manifest holds); the rest
-(``update_rule`` other than sync and rebase, ``weighting``, ``speeds``, ``first_inner_steps``) only
+(``update_rule`` other than sync and arrival, ``weighting``, ``speeds``, ``first_inner_steps``) only
 the simulator (``bench.simulator``) can run.
 
 On the command line a recipe is ``NAME[:H[:CODEC]][:key=value...]``, e.g.
@@ -14,7 +14,7 @@ On the command line a recipe is ``NAME[:H[:CODEC]][:key=value...]``, e.g.
 
 with keys ``ilr`` (the inner AdamW rate), ``lr``, ``mom``, ``nesterov`` (0/1), ``decay`` (error feedback), ``agg`` (mean, senders),
 ``weights`` (samples, uniform), ``rule`` (sync, delayed, rebase, eager, arrival; ``overlap`` is short
-for ``rule=rebase``), ``lag`` (arrival: the inner steps into round r + 1 at which round r's update
+for ``rule=arrival``), ``lag`` (arrival: the inner steps into round r + 1 at which round r's update
 arrives), ``h0`` (first inner steps of a doubling H schedule), ``speeds`` (slash-separated,
 e.g. ``1/1/0.5/0.25``) and ``peers``. The inner learning rate and its schedule belong to the task
 (``bench.task.TaskSpec``): every contender of a comparison trains with the same schedule, and a
@@ -56,8 +56,9 @@ class Recipe:
     aggregation: Literal["mean", "senders"] = _AVERAGING.aggregation
     weighting: Literal["samples", "uniform"] = "samples"
     """Combine weights: the samples of the round (what the swarm sends), or 1 each (simulator only)."""
-    update_rule: Literal["sync", "delayed", "rebase", "eager", "arrival"] = "rebase" if _AVERAGING.overlap else "sync"
-    """See ``bench.simulator``; the swarm runs sync and rebase (``averaging.overlap``)."""
+    update_rule: Literal["sync", "delayed", "rebase", "eager", "arrival"] = "arrival" if _AVERAGING.overlap else "sync"
+    """See ``bench.simulator``; the swarm runs sync and arrival (``averaging.overlap``; its lag is
+    whatever the settle time and the fetch take, in inner steps)."""
     lag: int = 1
     """arrival (simulator only): round r's update arrives ``lag`` inner steps into round r + 1."""
     first_inner_steps: int | None = None
@@ -103,7 +104,7 @@ class Recipe:
     @property
     def swarm_can_run(self) -> bool:
         """Whether ``barnraise-peer`` runs this recipe as it is (the rest only the simulator does)."""
-        return (self.codec is not None and self.update_rule in ("sync", "rebase") and self.weighting == "samples"
+        return (self.codec is not None and self.update_rule in ("sync", "arrival") and self.weighting == "samples"
                 and self.first_inner_steps is None and self.speeds is None)
 
     def to_dict(self) -> dict[str, Any]:
@@ -125,7 +126,7 @@ def run_config(spec: TaskSpec, recipe: Recipe, *, averaging: dict[str, Any] | No
     swarm.update(averaging or {})
     averaging_config = AveragingConfig(
         codec=recipe.codec or "fp16", error_feedback_decay=recipe.error_feedback_decay,
-        aggregation=recipe.aggregation, overlap=recipe.update_rule == "rebase", **swarm,
+        aggregation=recipe.aggregation, overlap=recipe.update_rule == "arrival", **swarm,
     )  # fmt: skip
     data = spec.data if eval_windows is None else dataclasses.replace(spec.data, eval_windows=eval_windows)
     name = "".join(c if c.isalnum() or c in "-_" else "_" for c in f"bench-{recipe.name}")[:64]
@@ -162,7 +163,7 @@ def parse_recipe(text: str) -> Recipe:
             fields["codec"] = None if positional[1] == "none" else positional[1]
         for part in parts[len(positional):]:
             if part == "overlap":
-                fields["update_rule"] = "rebase"
+                fields["update_rule"] = "arrival"
                 continue
             key, _, value = part.partition("=")
             if key not in _KEYS:

@@ -19,7 +19,7 @@ A ``bench.recipe.Recipe`` says what to run; beyond what a manifest holds, a swee
                   delayed  the update of round r is applied one round late; round r + 1 starts at
                            the consensus without it (naive one-step delay)
                   rebase   like delayed, but round r + 1 starts at the consensus minus this
-                           replica's own Δ_r (what ``averaging.overlap`` does today)
+                           replica's own Δ_r (the swarm's overlap before asynchronous rounds)
                   eager    like delayed, but round r + 1 starts at the consensus minus η·(w/W)·its
                            own decoded payload: its share of the coming update, applied at once
                            (Kale et al., 2025; with outer momentum it is a proxy)

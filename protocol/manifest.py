@@ -169,7 +169,7 @@ class AveragingConfig:
     kept that coordinate (the same for dense codecs)."""
     overlap: bool = True
     """Asynchronous rounds: start the next round's inner steps at once and apply this round's
-    update as soon as it arrives (``peer.trainer.Trainer.arrive``); False waits for it before the
+    update as soon as it arrives (``peer.trainer.Trainer.advance``, in flight); False waits for it before the
     next round's first step (docs/benchmarks.md compares the two)."""
     round_seconds: float = 8.0
     """W: a round is this window of wall-clock time, counted from the manifest's ``created_at``;

@@ -65,9 +65,9 @@ def _configs(args: argparse.Namespace) -> list[SimConfig]:
             for n, g, settle in itertools.product(peers, args.group, args.settle)]
 
 
-def _run(config: SimConfig) -> dict:
+def _run(config: SimConfig) -> tuple[SimConfig, dict]:
     started = time.perf_counter()
-    return {**simulate(config).summary(), "sim_seconds": round(time.perf_counter() - started, 1)}
+    return config, {**simulate(config).summary(), "sim_seconds": round(time.perf_counter() - started, 1)}
 
 
 def table(rows: list[dict]) -> str:
@@ -97,12 +97,12 @@ def main(argv: list[str] | None = None) -> int:
         print(f"bench_protocol_scale: {error}", file=sys.stderr)
         return 2
     with ProcessPoolExecutor(max_workers=max(1, min(args.workers, len(configs)))) as pool:
-        rows = list(pool.map(_run, sorted(configs, key=lambda c: -c.peers * c.group)))
-    rows.sort(key=lambda r: (r["peers"], r["group"], -r["settle_s"]))
+        runs = list(pool.map(_run, sorted(configs, key=lambda c: -c.peers * c.group)))  # the longest first
+    runs.sort(key=lambda run: (run[0].peers, run[0].group, -run[0].settle_s))
     stamp = {"date": time.strftime("%Y-%m-%d"), "machine": f"{platform.machine()}, {os.cpu_count()} cores"}
     lines = [json.dumps({"bench": "protocol_scale", **stamp, "config": dataclasses.asdict(config), **row})
-             for config, row in zip(sorted(configs, key=lambda c: (c.peers, c.group, -c.settle_s)), rows, strict=True)]
-    print(table(rows) if args.format == "table" else "\n".join(lines))
+             for config, row in runs]
+    print(table([row for _, row in runs]) if args.format == "table" else "\n".join(lines))
     if args.out:
         with args.out.open("a") as out:
             out.write("".join(line + "\n" for line in lines))

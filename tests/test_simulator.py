@@ -46,7 +46,7 @@ def test_recipe_text_sets_each_field_and_refuses_nonsense():
     assert (recipe.error_feedback_decay, recipe.aggregation, recipe.update_rule) == (0.95, "senders", "eager")
     assert recipe.first_inner_steps == 5 and recipe.speeds == (1.0, 0.5)
     assert parse_recipe("d:25:none").codec is None
-    assert parse_recipe("o:10:fp16:overlap").update_rule == "rebase"
+    assert parse_recipe("o:10:fp16:overlap").update_rule == "arrival"
     assert parse_recipe("default") == Recipe(name="default")
     arrival = parse_recipe("a:15:bmax-c4096-b64-s2:lr=1:mom=0:decay=0.95:agg=senders:rule=arrival:lag=2")
     assert (arrival.update_rule, arrival.lag, arrival.inner_steps) == ("arrival", 2, 15)
