@@ -23,6 +23,7 @@ GENESIS_PREV = "0" * 64
 """The ``prev`` of the genesis entry."""
 
 R = TypeVar("R", bound="_Signed")
+P = TypeVar("P", bound="_PeerSigned")
 
 
 def _hex64(value: Any) -> bool:
@@ -40,6 +41,8 @@ def _short_str(limit: int):
 _VERSION = Field("version", int, lambda v: v == PROTOCOL_VERSION, f"must be {PROTOCOL_VERSION}")
 _RUN_ID = Field("run_id", str, lambda v: is_hex(v, 16), "16 hex digits")
 _SIGNATURE = Field("signature", str, lambda v: is_hex(v, 128), "128 hex digits")
+_PEER_ID = Field("peer_id", str, lambda v: is_hex(v, 16), "key id: 16 hex digits")
+_PEER_KEY = Field("peer_key", str, _hex64, "64 hex digits")
 
 
 class _Signed:
@@ -83,6 +86,26 @@ class _Signed:
         return values
 
 
+class _PeerSigned(_Signed):
+    """A record a peer signs with its own key: ``peer_key`` in the record, ``peer_id`` its key id."""
+
+    peer_id: str
+    peer_key: str
+
+    def _check_peer_key(self) -> None:
+        if key_id(self.peer_key) != self.peer_id:
+            raise MalformedRecord(f"{self.WHAT}: peer_id is not the key id of peer_key")
+
+    @classmethod
+    def signed(cls: type[P], key: SigningKey, **fields: Any) -> P:
+        draft = cls(peer_key=key.public_key_hex, peer_id=key_id(key.public_key_hex), **fields)
+        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
+
+    def verify(self: P) -> P:
+        verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
+        return self
+
+
 def _to_wire_value(value: Any) -> Any:
     if dataclasses.is_dataclass(value):
         return {f.name: _to_wire_value(getattr(value, f.name)) for f in dataclasses.fields(value)}
@@ -94,15 +117,15 @@ def _to_wire_value(value: Any) -> Any:
 
 
 @dataclass(frozen=True, kw_only=True)
-class PeerProgress(_Signed):
+class PeerProgress(_PeerSigned):
     """What a peer publishes to the DHT after each round, signed with its own Ed25519 key."""
 
     WHAT: ClassVar[str] = "peer progress"
     FIELDS: ClassVar[tuple[Field, ...]] = (
         _VERSION,
         _RUN_ID,
-        Field("peer_id", str, lambda v: is_hex(v, 16), "key id: 16 hex digits"),
-        Field("peer_key", str, _hex64, "64 hex digits"),
+        _PEER_ID,
+        _PEER_KEY,
         Field("round", int, _non_negative),
         Field("samples", int, _non_negative),
         Field("loss", float, _non_negative),
@@ -146,23 +169,13 @@ class PeerProgress(_Signed):
     signature: str = ""
 
     def __post_init__(self) -> None:
-        if key_id(self.peer_key) != self.peer_id:
-            raise MalformedRecord("peer progress: peer_id is not the key id of peer_key")
+        self._check_peer_key()
         if self.averaged != (self.averaged_with >= 2):
             raise MalformedRecord("peer progress: 'averaged' must be true exactly when averaged_with >= 2")
 
-    @classmethod
-    def signed(cls, key: SigningKey, **fields: Any) -> PeerProgress:
-        draft = cls(peer_key=key.public_key_hex, peer_id=key_id(key.public_key_hex), **fields)
-        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
-
-    def verify(self) -> PeerProgress:
-        verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
-        return self
-
 
 @dataclass(frozen=True, kw_only=True)
-class RoundAnnouncement(_Signed):
+class RoundAnnouncement(_PeerSigned):
     """A peer's contribution to one round, stored in the DHT under the round's key at its close.
 
     It names the payload by sha256 (payloads are content-addressed: any peer holding them serves
@@ -173,8 +186,8 @@ class RoundAnnouncement(_Signed):
     FIELDS: ClassVar[tuple[Field, ...]] = (
         _VERSION,
         _RUN_ID,
-        Field("peer_id", str, lambda v: is_hex(v, 16), "key id: 16 hex digits"),
-        Field("peer_key", str, _hex64, "64 hex digits"),
+        _PEER_ID,
+        _PEER_KEY,
         Field("round", int, lambda v: 0 <= v < 2**40, "0 to 2**40"),
         Field("weight", float, lambda v: 0 < v < 2**53, "positive samples"),
         Field("codec", str, _short_str(64)),
@@ -207,17 +220,7 @@ class RoundAnnouncement(_Signed):
     signature: str = ""
 
     def __post_init__(self) -> None:
-        if key_id(self.peer_key) != self.peer_id:
-            raise MalformedRecord("round announcement: peer_id is not the key id of peer_key")
-
-    @classmethod
-    def signed(cls, key: SigningKey, **fields: Any) -> RoundAnnouncement:
-        draft = cls(peer_key=key.public_key_hex, peer_id=key_id(key.public_key_hex), **fields)
-        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
-
-    def verify(self) -> RoundAnnouncement:
-        verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
-        return self
+        self._check_peer_key()
 
 
 @dataclass(frozen=True, kw_only=True)
