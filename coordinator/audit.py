@@ -2,6 +2,7 @@
 
     barnraise-audit verify --ledger ledger.jsonl --public-key coordinator.pub --checkpoints checkpoints/
     barnraise-audit verify --ledger https://coordinator.example/ledger.jsonl --public-key coordinator.pub
+    barnraise-audit verify --ledger ledger.jsonl --public-key coordinator.pub --export exported-model/
     barnraise-audit hash checkpoints/r000042 --tensors
 
 Exit status: 0 when everything checked holds; 1 when a check fails (one stderr line, ``audit failed:
@@ -14,6 +15,7 @@ Imports only ``protocol``, the standard library and ``safetensors``: auditors ne
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import time
@@ -44,7 +46,7 @@ from protocol.signing import key_id, public_key_from_pem
 __all__ = [
     "LEDGER_MAX_BYTES", "FETCH_TIMEOUT_S", "FETCH_DEADLINE_S", "FileHashes", "AuditSummary",
     "hash_safetensors_file", "file_record", "verify_recorded_roots", "verify_checkpoint_files",
-    "read_ledger", "read_public_key", "audit", "main",
+    "read_ledger", "read_public_key", "audit", "verify_export", "main",
 ]
 
 LEDGER_MAX_BYTES = 256 * 1024 * 1024  # from a URL; an entry holds every tensor's digest, tens of KiB
@@ -225,6 +227,40 @@ def audit(entries: list[LedgerEntry], public_key_hex: str, checkpoints: Path | N
                         tensors=sum(len(r.tensors) for r in records), bytes=sum(r.size for r in records))
 
 
+_EXPORT_RECORD_MAX_BYTES = 64 * 1024
+
+
+def verify_export(entries: list[LedgerEntry], folder: str | os.PathLike[str]) -> LedgerEntry:
+    """The ledger entry whose signed checkpoint root is the root of ``folder/model.safetensors`` (a
+    ``barnraise-coordinator export``). Its ``barnraise.json``, when present, names the entry; without
+    it any entry may match. ``HashMismatch`` naming the export when none does."""
+    folder = Path(folder)
+    weights = folder / "model.safetensors"
+    if not weights.is_file():
+        raise InputError(f"export {folder} has no model.safetensors")
+    root = hash_safetensors_file(weights).root
+    claimed = None
+    record_path = folder / "barnraise.json"
+    if record_path.is_file():
+        if record_path.stat().st_size > _EXPORT_RECORD_MAX_BYTES:
+            raise InputError(f"export {folder}: barnraise.json is larger than {_EXPORT_RECORD_MAX_BYTES} bytes")
+        try:
+            claimed = json.loads(record_path.read_text(encoding="utf-8"))["entry_seq"]
+        except (ValueError, KeyError, TypeError):
+            raise InputError(f"export {folder}: barnraise.json does not name an entry_seq") from None
+        if not isinstance(claimed, int) or isinstance(claimed, bool) or not 0 <= claimed < len(entries):
+            raise HashMismatch(f"export {folder}: barnraise.json names entry {claimed!r}, which the ledger does not hold")
+        entry = entries[claimed]
+        if entry.checkpoint_root != root:
+            raise HashMismatch(f"export {folder}: its weights hash to root {root[:16]}, ledger entry {entry.seq} "
+                               f"signed root {entry.checkpoint_root[:16]}")
+        return entry
+    for entry in reversed(entries):
+        if entry.checkpoint_root == root:
+            return entry
+    raise HashMismatch(f"export {folder}: its weights hash to root {root[:16]}, which no ledger entry signed")
+
+
 def _build_parser() -> argparse.ArgumentParser:
     parser = OneLineParser(prog="barnraise-audit", description="Check a Barnraise ledger and its checkpoints offline.")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -232,6 +268,8 @@ def _build_parser() -> argparse.ArgumentParser:
     verify.add_argument("--ledger", required=True, help="ledger.jsonl: a local file or an http(s) URL")
     verify.add_argument("--public-key", required=True, help="the coordinator's public key: PEM or 64 hex digits")
     verify.add_argument("--checkpoints", type=Path, help="folder holding r000042/<file> for every ledger entry")
+    verify.add_argument("--export", type=Path, metavar="DIR",
+                        help="a Hugging Face folder from barnraise-coordinator export: its weights must be a signed entry's")
     verify.add_argument("--last-only", action="store_true",
                         help="with --checkpoints, check only the newest entry's files (the chain is still checked)")
     verify.set_defaults(run=_run_verify)
@@ -248,10 +286,14 @@ def _run_verify(args: argparse.Namespace) -> int:
     public_key_hex = read_public_key(args.public_key)
     entries = read_ledger(args.ledger)
     summary = audit(entries, public_key_hex, args.checkpoints, last_only=args.last_only)
+    exported = verify_export(entries, args.export) if args.export is not None else None
     print(f"ledger ok: {summary.entries} entries of run {summary.run_id}, last round {summary.last_round}, "
           f"signed by key {summary.key_id}")
     print("checkpoints: not checked (give --checkpoints DIR to check the files)" if args.checkpoints is None
           else f"checkpoints ok: {summary.files} files, {summary.tensors} tensors, {summary.bytes} bytes")
+    if exported is not None:
+        print(f"export ok: {args.export}/model.safetensors is ledger entry {exported.seq} (round {exported.round}, "
+              f"root {exported.checkpoint_root[:16]})")
     return 0
 
 

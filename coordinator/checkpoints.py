@@ -13,14 +13,17 @@ import shutil
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
 from coordinator.audit import file_record
-from peer.data import Corpus, heldout_windows
+from peer.blobs import BlobStore
+from peer.data import Corpus, ShardCorpus
 from peer.model import build_model, heldout_loss, load_parameters
 from peer.state import RoundState, StateLayout
 from peer.workdir import fsync_folder
-from protocol.manifest import RunManifest
+from protocol.errors import HashMismatch, InputError
+from protocol.manifest import RunManifest, blob_digest
 from protocol.records import FileRecord
 
 __all__ = ["CheckpointWriter", "MODEL_FILE", "OUTER_FILE"]
@@ -37,15 +40,18 @@ def _fsync_file(path: Path) -> None:
 class CheckpointWriter:
     """Writes a round's state as files, hashes them, and scores held-out loss."""
 
-    def __init__(self, folder: Path, manifest: RunManifest, corpus: Corpus):
+    def __init__(self, folder: Path, manifest: RunManifest, corpus: Corpus | ShardCorpus,
+                 config_json: bytes | None = None, blobs: BlobStore | None = None):
         self.folder = folder
         self.folder.mkdir(parents=True, exist_ok=True)
         for leftover in self.folder.glob(".r*.partial"):  # a write cut short by a crash
             shutil.rmtree(leftover, ignore_errors=True)
         self.model_config = manifest.config.model
-        self.model = build_model(self.model_config)
+        self.config_json = config_json
+        self.blobs = blobs
+        self.model = build_model(self.model_config, config_json)
         self.layout = StateLayout.of(self.model)
-        self.windows = heldout_windows(corpus, manifest.config.data)
+        self.windows = corpus.heldout_windows(manifest.config.data)
 
     def path(self, round: int) -> Path:
         return self.folder / f"r{round:06d}"
@@ -75,14 +81,30 @@ class CheckpointWriter:
         return [file_record(self.path(round) / name) for name in (MODEL_FILE, OUTER_FILE)]
 
     def heldout_loss(self, state: RoundState) -> float | None:
-        """Held-out loss (nats/byte), or None if the model has diverged (not a finite number)."""
+        """Held-out loss (nats/token), or None if the model has diverged (not a finite number)."""
         load_parameters(self.model, self.layout.views(state.parameters))
         loss = heldout_loss(self.model, self.windows)
         return round(loss, 6) if math.isfinite(loss) else None
 
     def genesis(self) -> RoundState:
-        """Round 0: the freshly initialised model and zero momentum."""
-        flat = torch.nn.utils.parameters_to_vector(build_model(self.model_config).parameters()).detach()
+        """Round 0: the model initialised from ``init_seed`` (or the ``init`` weights) and zero momentum."""
+        if self.model_config.init:
+            if self.blobs is None:
+                raise InputError("model.init needs the run's blob store")
+            path = self.blobs.path(blob_digest(self.model_config.init))
+            try:
+                tensors = load_file(str(path))
+            except (OSError, SafetensorError) as error:
+                raise InputError(f"model.init is not a safetensors file ({error})") from None
+            try:
+                flat = self.layout.flatten(tensors)
+            except HashMismatch as error:
+                raise InputError(f"model.init does not fit model.config: {error}") from None
+            if not torch.isfinite(flat).all():
+                raise InputError("model.init holds values that are not finite")
+        else:
+            flat = torch.nn.utils.parameters_to_vector(build_model(self.model_config, self.config_json).parameters())
+            flat = flat.detach()
         return RoundState(0, flat, torch.zeros_like(flat))
 
     def read(self, round: int) -> RoundState:

@@ -1,4 +1,5 @@
-"""``barnraise-coordinator launch RUN.toml [--workdir DIR]``: launch or resume a run."""
+"""``barnraise-coordinator launch RUN.toml [--workdir DIR]``: launch or resume a run.
+``barnraise-coordinator export --workdir DIR [--round N] OUT``: a checkpoint as a Hugging Face folder."""
 
 from __future__ import annotations
 
@@ -23,12 +24,32 @@ def _parser() -> OneLineParser:
     launch.add_argument("--http-port", type=int, default=8470, help="HTTP port (0 picks a free one)")
     launch.add_argument("--start-in", type=float, default=0.0, metavar="SECONDS",
                         help="a new run's round 0 opens this many seconds after launch (peers can join first)")
+    export = commands.add_parser("export", help="write a recorded checkpoint as a Hugging Face model folder")
+    export.add_argument("out", type=Path, metavar="OUT", help="the folder to write (must not exist, or be empty)")
+    export.add_argument("--workdir", type=Path, default=Path("barnraise-run"), help="the run's coordinator folder")
+    export.add_argument("--round", type=int, metavar="N", help="the checkpoint of round N (default: the latest)")
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     bind_children_to_this_process()  # a SIGKILLed coordinator leaves no DHT, averager or p2pd behind
-    return run_command("barnraise-coordinator", lambda: _launch(_parser().parse_args(argv)), also=(OSError,))
+    return run_command("barnraise-coordinator", lambda: _dispatch(_parser().parse_args(argv)), also=(OSError,))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    return _export(args) if args.command == "export" else _launch(args)
+
+
+def _export(args: argparse.Namespace) -> int:
+    from coordinator.export import export_checkpoint
+
+    summary = export_checkpoint(args.workdir, args.out, args.round)
+    entry = summary.entry
+    print(f"exported run {summary.run_name}, ledger entry {entry.seq} (round {entry.round}, root "
+          f"{entry.checkpoint_root[:16]}) to {summary.out}")
+    print(f"verify with: barnraise-audit verify --ledger {args.workdir / 'ledger.jsonl'} "
+          f"--public-key {args.workdir / 'coordinator.pub'} --export {summary.out}")
+    return 0
 
 
 def _launch(args: argparse.Namespace) -> int:

@@ -1,6 +1,7 @@
 """``barnraise-demo``: a coordinator and 3 peers on loopback train the demo model, then an audit.
 
     barnraise-demo --peers 3 --minutes 2 --workdir barnraise-demo
+    barnraise-demo --run examples/tiny-llama/RUN.toml    # any run config, on loopback
 
 Everything lands in the workdir: ``coordinator/`` (key, ledger, checkpoints, ledger.jsonl),
 ``peer-N/`` (key, rounds.jsonl) and each process's log. Exits non-zero if the audit fails.
@@ -45,14 +46,17 @@ _MIN_CHECKPOINTS = 2
 _EXTRA_MINUTES = 3.0
 
 
-def _prepare_workdir(workdir: Path) -> None:
+def _prepare_workdir(workdir: Path, run: Path | None) -> Path:
     if workdir.exists() and any(workdir.iterdir()):
         if not (workdir / _MARKER).exists():
             raise SystemExit(f"barnraise-demo: error: {workdir} is not empty and holds no earlier demo; choose another --workdir")
         shutil.rmtree(workdir)
     workdir.mkdir(parents=True, exist_ok=True)
     (workdir / _MARKER).write_text("made by barnraise-demo; removed and remade by the next demo in this folder\n")
+    if run is not None:
+        return run.resolve()  # its relative paths start from its own folder
     (workdir / "RUN.toml").write_text(DEMO_RUN)
+    return workdir / "RUN.toml"
 
 
 def _wait_for_endpoint(coordinator: Child, path: Path) -> str:
@@ -103,7 +107,7 @@ def _report(workdir: Path, peers: int) -> None:
     from protocol.ledger import entries_from_jsonl
 
     entries = entries_from_jsonl((workdir / "coordinator" / "ledger.jsonl").read_text())
-    print("[demo] held-out loss by checkpoint (nats/byte):")
+    print("[demo] held-out loss by checkpoint (nats per token):")
     for entry in entries:
         loss = "n/a" if entry.heldout_loss is None else f"{entry.heldout_loss:.3f}"
         print(f"[demo]   entry {entry.seq}  round {entry.round:3d}  held-out loss {loss}  samples {entry.total_samples}")
@@ -111,13 +115,13 @@ def _report(workdir: Path, peers: int) -> None:
         print(f"[demo] {line}")
 
 
-def run_demo(workdir: Path, peer_count: int, minutes: float) -> int:
-    _prepare_workdir(workdir)
+def run_demo(workdir: Path, peer_count: int, minutes: float, run: Path | None = None) -> int:
+    run_config = _prepare_workdir(workdir, run)
     children: list[Child] = []
     coordinator_dir = workdir / "coordinator"
     try:
         coordinator = Child("coordinator", "coordinator.cli",
-                            ["launch", str(workdir / "RUN.toml"), "--workdir", str(coordinator_dir), "--http-port", "0"],
+                            ["launch", str(run_config), "--workdir", str(coordinator_dir), "--http-port", "0"],
                             workdir / "coordinator.log")
         children.append(coordinator)
         url = _wait_for_endpoint(coordinator, coordinator_dir / "endpoint.json")
@@ -156,11 +160,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--peers", type=int, default=3, help="peer processes (default 3)")
     parser.add_argument("--minutes", type=float, default=2.0, help="minutes of training (default 2)")
     parser.add_argument("--workdir", type=Path, default=Path("barnraise-demo"), help="folder for everything")
+    parser.add_argument("--run", type=Path, metavar="RUN.toml",
+                        help="run this run config instead of the built-in demo (its paths are relative to its folder)")
     args = parser.parse_args(argv)
     if args.peers < 1 or args.minutes <= 0:
         parser.error("--peers must be at least 1 and --minutes positive")
+    if args.run is not None and not args.run.is_file():
+        parser.error(f"--run {args.run}: no such file")
     try:
-        return run_demo(args.workdir, args.peers, args.minutes)
+        return run_demo(args.workdir, args.peers, args.minutes, args.run)
     except RuntimeError as error:
         print(f"barnraise-demo: error: {error}", file=sys.stderr)
         return 1

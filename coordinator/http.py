@@ -12,6 +12,8 @@ every response here is either signed bytes, JSON Lines we already produce, or a 
     GET /status          global round, live peers, samples, loss, last checkpoint
     GET /ledger.jsonl    the ledger, one signed entry per line
     GET /checkpoints/r000042/model.safetensors   a checkpoint file
+    GET /blobs/<sha256>  a file the manifest or the data index names by sha256 (model config,
+                         tokenizer, data index, token shards); only those are in the folder
 """
 
 from __future__ import annotations
@@ -27,17 +29,20 @@ __all__ = ["build_app", "HttpView"]
 
 _CHECKPOINT_DIR = re.compile(r"\Ar\d{6}\Z")
 _CHECKPOINT_FILE = re.compile(r"\A[A-Za-z0-9_.-]{1,128}\.safetensors\Z")
+_BLOB = re.compile(r"\A[0-9a-f]{64}\Z")
 
 
 class HttpView:
     """What the HTTP handlers read; the service keeps it up to date."""
 
     def __init__(self, *, manifest_bytes: bytes, manifest_json: dict, public_key_pem: bytes, checkpoints: Path,
-                 ledger_jsonl: Callable[[], str], status: Callable[[], dict], bootstrap: Callable[[], list[str]]):
+                 ledger_jsonl: Callable[[], str], status: Callable[[], dict], bootstrap: Callable[[], list[str]],
+                 blobs: Path | None = None):
         self.manifest_bytes = manifest_bytes
         self.manifest_json = manifest_json
         self.public_key_pem = public_key_pem
         self.checkpoints = checkpoints
+        self.blobs = blobs
         self.ledger_jsonl = ledger_jsonl
         self.status = status
         self.bootstrap = bootstrap
@@ -71,6 +76,12 @@ def build_app(view: HttpView) -> web.Application:
             raise web.HTTPNotFound(text="no such checkpoint file")
         return web.FileResponse(path)
 
+    async def blob(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["sha256"]
+        if view.blobs is None or not _BLOB.match(name) or not (view.blobs / name).is_file():
+            raise web.HTTPNotFound(text="no such blob")
+        return web.FileResponse(view.blobs / name, headers={"Content-Type": "application/octet-stream"})
+
     app = web.Application(client_max_size=1024)
     app.router.add_get("/manifest", manifest)
     app.router.add_get("/manifest.json", manifest_json)
@@ -79,4 +90,5 @@ def build_app(view: HttpView) -> web.Application:
     app.router.add_get("/status", status)
     app.router.add_get("/ledger.jsonl", ledger)
     app.router.add_get("/checkpoints/{folder}/{name}", checkpoint)
+    app.router.add_get("/blobs/{sha256}", blob)
     return app

@@ -5,13 +5,17 @@
     WORKDIR/manifest.msgpack    the signed run manifest
     WORKDIR/ledger.sqlite       the ledger (SQLite, WAL)
     WORKDIR/checkpoints/        r000000/ (genesis), r000005/, ... each model + outer safetensors
+    WORKDIR/blobs/              files the manifest names by sha256: model config, init weights,
+                                tokenizer, signed data index, token shards (``coordinator.assets``)
     WORKDIR/p2p.key             the DHT node's libp2p identity, so peers find it again after a restart
     WORKDIR/swarm.json          ports and peers last seen, for a relaunch
     WORKDIR/ledger.jsonl        the ledger exported for auditors, rewritten after each entry
     WORKDIR/endpoint.json       the HTTP address and DHT multiaddrs while the coordinator serves
 
 Relaunching with the same RUN.toml resumes: the ledger's whole chain is re-checked and
-the head checkpoint's files are re-hashed. A changed RUN.toml is refused.
+the head checkpoint's files are re-hashed, as is every file in ``blobs/`` the manifest names. A
+changed RUN.toml, or a changed model config, init or tokenizer file, is refused; the corpus is
+tokenized once, at the first launch.
 """
 
 from __future__ import annotations
@@ -21,17 +25,20 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
+from coordinator.assets import RESOLVED_FIELDS, model_config_json, resolve_run
 from coordinator.checkpoints import CheckpointWriter
 from coordinator.ledger_store import LedgerStore
-from peer.data import load_corpus
+from peer.blobs import BlobCache, BlobStore
+from peer.data import Corpus, ShardCorpus, load_corpus
 from peer.workdir import load_or_create_key, write_atomic
+from protocol.data_index import SignedDataIndex
 from protocol.errors import ConfigError, HashMismatch
 from protocol.hashing import checkpoint_root
 from protocol.ledger import next_entry
-from protocol.manifest import RunConfig, RunManifest, SignedManifest
+from protocol.manifest import RunConfig, RunManifest, SignedManifest, blob_digest, is_blob_ref
 from protocol.signing import SigningKey, public_key_to_pem
 
-__all__ = ["LaunchedRun", "prepare_run", "config_difference"]
+__all__ = ["LaunchedRun", "prepare_run", "config_difference", "open_corpus"]
 
 
 @dataclass
@@ -41,6 +48,7 @@ class LaunchedRun:
     ledger: LedgerStore
     checkpoints: CheckpointWriter
     resumed: bool
+    blobs: BlobStore
 
     @property
     def manifest(self) -> RunManifest:
@@ -48,42 +56,73 @@ class LaunchedRun:
 
 
 def config_difference(old: RunConfig, new: RunConfig) -> str | None:
-    """The first field (``section.key``) whose value differs, or None."""
+    """The first field (``section.key``) whose value differs, or None; a field launch fills in
+    from a file (``coordinator.assets.RESOLVED_FIELDS``) counts only when both are filled in."""
     if old.name != new.name:
         return "run.name"
     for section in ("model", "data", "training", "averaging", "checkpoints"):
         for field in dataclasses.fields(getattr(old, section)):
-            if getattr(getattr(old, section), field.name) != getattr(getattr(new, section), field.name):
+            before, after = getattr(getattr(old, section), field.name), getattr(getattr(new, section), field.name)
+            if (section, field.name) in RESOLVED_FIELDS and not (_filled(before) and _filled(after)):
+                continue
+            if before != after:
                 return f"{section}.{field.name}"
     return None
 
 
-def _load_manifest(path: Path, key: SigningKey, config: RunConfig) -> SignedManifest:
+def _filled(value: object) -> bool:
+    return isinstance(value, int) and value > 0 or is_blob_ref(value)
+
+
+def _load_manifest(path: Path, key: SigningKey) -> SignedManifest:
     signed = SignedManifest.from_bytes(path.read_bytes())
     signed.verify(key.public_key_hex)
-    if (field := config_difference(signed.manifest.config, config)) is not None:
-        raise ConfigError(
-            f"the run config differs from the run already launched in {path.parent} ({field}); "
-            "launch it in a new --workdir"
-        )
     return signed
 
 
-def prepare_run(config: RunConfig, workdir: Path, start_in: float = 0.0) -> LaunchedRun:
+def _refuse_changes(launched: RunConfig, config: RunConfig, workdir: Path) -> None:
+    if (field := config_difference(launched, config)) is not None:
+        raise ConfigError(
+            f"the run config differs from the run already launched in {workdir} ({field}); "
+            "launch it in a new --workdir"
+        )
+
+
+def open_corpus(manifest: RunManifest, blobs: BlobStore) -> Corpus | ShardCorpus:
+    """The run's data as the coordinator holds it (every shard is in its own blob store)."""
+    data = manifest.config.data
+    if data.corpus == "python-stdlib":
+        return load_corpus(data)
+    raw = blobs.read(blob_digest(data.index), "the data index")
+    index = SignedDataIndex.from_bytes(raw).verify(manifest.coordinator_key)
+    return ShardCorpus(index, BlobCache(blobs.folder), data)
+
+
+def prepare_run(config: RunConfig, workdir: Path, start_in: float = 0.0, base: Path | None = None,
+                on_line=lambda line: None) -> LaunchedRun:
     """Create or resume the run in ``workdir``; on return the ledger holds at least genesis. A new
-    run's round 0 opens ``start_in`` seconds from now (its manifest's ``created_at``)."""
+    run's round 0 opens ``start_in`` seconds from now (its manifest's ``created_at``). ``base`` is
+    the folder RUN.toml's relative paths start from (default: the current folder)."""
     workdir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(workdir / "coordinator.key")
     manifest_path = workdir / "manifest.msgpack"
-    corpus = load_corpus(config.data)
+    blobs = BlobStore(workdir / "blobs")
+    base = Path.cwd() if base is None else base
     resumed = manifest_path.exists()
     if resumed:
-        signed = _load_manifest(manifest_path, key, config)
-        writer = CheckpointWriter(workdir / "checkpoints", signed.manifest, corpus)
+        signed = _load_manifest(manifest_path, key)
+        launched = signed.manifest.config
+        _refuse_changes(launched, config, workdir)  # RUN.toml's own values, before any file is read
+        resolved = resolve_run(config, base, blobs, key, data_index=launched.data.index or None, on_line=on_line)
+        _refuse_changes(launched, resolved, workdir)  # the files it names
+        writer = CheckpointWriter(workdir / "checkpoints", signed.manifest, open_corpus(signed.manifest, blobs),
+                                  model_config_json(resolved, blobs), blobs)
     else:
-        draft = RunManifest(config=config, coordinator_key=key.public_key_hex, genesis_root="0" * 64,
+        resolved = resolve_run(config, base, blobs, key, on_line=on_line)
+        draft = RunManifest(config=resolved, coordinator_key=key.public_key_hex, genesis_root="0" * 64,
                             created_at=time.time() + start_in)
-        writer = CheckpointWriter(workdir / "checkpoints", draft, corpus)
+        writer = CheckpointWriter(workdir / "checkpoints", draft, open_corpus(draft, blobs),
+                                  model_config_json(resolved, blobs), blobs)
         genesis = writer.genesis()
         root = checkpoint_root(writer.layout.views(genesis.parameters))
         signed = dataclasses.replace(draft, genesis_root=root).sign(key)
@@ -98,7 +137,7 @@ def prepare_run(config: RunConfig, workdir: Path, start_in: float = 0.0) -> Laun
     except BaseException:
         ledger.close()
         raise
-    return LaunchedRun(key, signed, ledger, writer, resumed)
+    return LaunchedRun(key, signed, ledger, writer, resumed, blobs)
 
 
 def _append_genesis(key: SigningKey, manifest: RunManifest, ledger: LedgerStore, writer: CheckpointWriter) -> None:

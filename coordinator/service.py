@@ -169,6 +169,7 @@ class Coordinator:
             manifest_json=signed.to_wire(),
             public_key_pem=public_key_to_pem(signed.manifest.coordinator_key),
             checkpoints=self.run.checkpoints.folder,
+            blobs=self.run.blobs.folder,
             ledger_jsonl=self.run.ledger.export_jsonl,
             status=lambda: self.tracker.status(self.run.ledger.head()),
             bootstrap=self.bootstrap,
@@ -220,7 +221,8 @@ async def _serve(options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode,
 def serve(options: CoordinatorOptions) -> int:
     """Launch or resume the run and serve until SIGINT/SIGTERM; returns the exit code."""
     config = RunConfig.from_toml(_read_config(options.run_config))
-    run = prepare_run(config, options.workdir, options.start_in)
+    say = lambda line: options.on_line(f"[coordinator] {line}")  # noqa: E731
+    run = prepare_run(config, options.workdir, options.start_in, base=options.run_config.resolve().parent, on_line=say)
     try:
         # hivemind starts its processes from the main thread, before the event loop runs.
         node, memory = start_bootstrap_node(options.workdir, options.host, run.signed, run.checkpoints.layout.size)

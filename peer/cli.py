@@ -34,7 +34,29 @@ def _parser() -> OneLineParser:
                       help="(tests, benchmarks) train X times slower than this machine can")
     join.add_argument("--save-state", type=Path, metavar="FILE",
                       help="on leaving, write the consensus model's parameters to FILE (safetensors)")
+    join.add_argument("--max-memory", type=_size, metavar="SIZE",
+                      help="memory this peer may use for the model, e.g. 6G or 512M (default: what the machine has)")
+    join.add_argument("--micro-batch", type=int, metavar="N",
+                      help="windows per forward pass; gradients are accumulated up to the run's batch (default: all)")
+    join.add_argument("--activation-checkpointing", action="store_true",
+                      help="recompute activations in the backward pass: less memory, more compute")
     return parser
+
+
+_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+
+
+def _size(text: str) -> int:
+    """Bytes from ``6G``, ``512M``, ``1.5G`` or a plain count."""
+    value = text.strip().upper().removesuffix("IB").removesuffix("B")
+    unit = value[-1:] if value[-1:] in _UNITS and value[-1:] != "" else ""
+    try:
+        number = float(value[: len(value) - len(unit)])
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 6G, 512M)") from None
+    if not number > 0:
+        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
+    return int(number * _UNITS[unit])
 
 
 def _pinned_key(value: str | None) -> str | None:
@@ -65,6 +87,9 @@ def _join(args: argparse.Namespace) -> int:
         snapshot_every=args.snapshot_every,
         slowdown=args.slowdown,
         save_state=args.save_state,
+        max_memory=args.max_memory,
+        micro_batch=args.micro_batch,
+        activation_checkpointing=args.activation_checkpointing,
         on_line=lambda line: print(line, flush=True),
     )
     return run_peer(options)

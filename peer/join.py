@@ -59,7 +59,7 @@ def _file_ok(path: Path, sha256: str, size: int) -> bool:
 
 
 def state_from_checkpoint(
-    client: CoordinatorClient, manifest: RunManifest, layout: StateLayout, folder: Path
+    client: CoordinatorClient, manifest: RunManifest, layout: StateLayout, folder: Path, config_json: bytes | None = None
 ) -> tuple[StartingState, list[LedgerEntry]]:
     """Download the latest ledger checkpoint into ``folder`` and verify it against the ledger (genesis
     is rebuilt from the manifest instead, when this machine's torch rebuilds it bit for bit)."""
@@ -68,9 +68,9 @@ def state_from_checkpoint(
     entry = ledger[-1]
     if entry.kind == "genesis":  # rebuilt here from the manifest: nothing to download
         try:
-            return state_from_genesis(manifest, layout), ledger
+            return state_from_genesis(manifest, layout, config_json), ledger
         except HashMismatch:
-            pass  # another torch initialises differently: download the recorded genesis
+            pass  # init weights, or another torch initialises differently: download the recorded genesis
     names = {f.name for f in entry.files}
     if not {"model.safetensors", "outer.safetensors"} <= names:
         raise InputError(f"ledger entry {entry.seq} does not list model.safetensors and outer.safetensors")
@@ -97,9 +97,12 @@ def state_from_checkpoint(
     return StartingState(state, f"checkpoint of round {entry.round} (ledger entry {entry.seq}, root {entry.checkpoint_root[:16]} verified)"), ledger
 
 
-def state_from_genesis(manifest: RunManifest, layout: StateLayout) -> StartingState:
-    """Rebuild genesis from the manifest and check it against the signed genesis root."""
-    model = build_model(manifest.config.model)
+def state_from_genesis(manifest: RunManifest, layout: StateLayout, config_json: bytes | None = None) -> StartingState:
+    """Rebuild genesis from the manifest and check it against the signed genesis root (``HashMismatch``
+    when it differs, or when genesis is the run's ``init`` weights, which are downloaded instead)."""
+    if manifest.config.model.init:
+        raise HashMismatch("genesis is the run's init weights: it is downloaded, not rebuilt")
+    model = build_model(manifest.config.model, config_json)
     root = checkpoint_root(dict(model.named_parameters()))
     if root != manifest.genesis_root:
         raise HashMismatch(

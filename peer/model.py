@@ -1,42 +1,141 @@
-"""The model: a GPT-2-family causal LM built from the manifest, and its named state.
+"""The model: a decoder-only causal LM that transformers builds from the run's config.
 
 A checkpoint holds the model's parameters by their transformers names (tied weights
 once) plus the outer optimiser's momentum, so a run can resume from it exactly.
+
+The run's transformers config is the JSON file the manifest names by sha256 (``model.config``),
+or, without one, the byte-level GPT-2 of the manifest's five numbers (the demo). Only model
+types transformers itself implements are built: a config that asks for remote code is refused.
 """
 
 from __future__ import annotations
 
+import json
 import math
+import os
 
 import torch
 import torch.nn.functional as F
-from transformers import GPT2Config, GPT2LMHeadModel
+from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 
-from protocol.errors import HashMismatch
+from protocol.errors import ConfigError, HashMismatch, InputError
 from protocol.manifest import ModelConfig
 
-__all__ = ["build_model", "parameters_by_name", "load_parameters", "heldout_loss", "batch_loss"]
+__all__ = [
+    "BYTES_PER_PARAMETER", "transformers_config", "build_model", "count_parameters", "check_memory",
+    "available_memory", "parameters_by_name", "load_parameters", "heldout_loss", "batch_loss",
+]
+
+BYTES_PER_PARAMETER = {"cpu": 42, "cuda-host": 26, "cuda-device": 16}
+"""What a peer holds per parameter. CPU: 41.6, measured as the slope of a running peer's memory
+over two model sizes (docs/benchmarks.md §6, ``scripts/bench_peer_memory.py``): the model, its
+gradient and AdamW's two moments (16), and float32 state on the CPU (the consensus θ_r and its
+outer momentum, the round's start x_r, the state before the last round, the copy served to
+joiners, the error-feedback residual). With ``--device cuda`` the first 16 move to the GPU
+(activations come on top) and the rest stays in host memory: estimated from the CPU figure,
+not measured (no GPU was lent)."""
 
 
-def build_model(config: ModelConfig) -> GPT2LMHeadModel:
+def transformers_config(model: ModelConfig, config_json: bytes | None = None) -> PretrainedConfig:
+    """The transformers config of the run's model: ``config_json`` (the file the manifest names), or
+    the byte-level GPT-2 of the five numbers when the manifest names none. ``ConfigError`` names
+    what is wrong with a config that is not a decoder-only causal LM transformers builds itself."""
+    if not model.config:
+        return GPT2Config(
+            vocab_size=model.vocab_size,
+            n_positions=model.n_positions,
+            n_embd=model.n_embd,
+            n_layer=model.n_layer,
+            n_head=model.n_head,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+            tie_word_embeddings=True,
+            bos_token_id=0,  # byte-level vocabulary: GPT-2's default ids (50256) do not exist here
+            eos_token_id=0,
+        )
+    if config_json is None:
+        raise InputError("the run's model config file is needed to build its model")
+    try:
+        keys = json.loads(config_json)
+    except ValueError as error:
+        raise ConfigError(f"model config is not valid JSON ({error})") from None
+    if not isinstance(keys, dict):
+        raise ConfigError("model config must be a JSON object")
+    if "auto_map" in keys or keys.get("trust_remote_code"):
+        raise ConfigError("model config asks for remote code (auto_map); only transformers' own model types are built")
+    model_type = keys.pop("model_type", model.family)
+    if model_type != model.family:
+        raise ConfigError(f"model config's model_type {model_type!r} is not model.family {model.family!r}")
+    for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
+        keys.pop(key, None)
+    try:
+        config = AutoConfig.for_model(model_type, **keys)
+    except (ValueError, TypeError, KeyError) as error:
+        raise ConfigError(f"model config of family {model_type!r}: {' '.join(str(error).split())[:300]}") from None
+    if getattr(config, "is_encoder_decoder", False):
+        raise ConfigError(f"model family {model_type!r} is an encoder-decoder; a run trains a decoder-only causal LM")
+    return config
+
+
+def _instantiate(config: PretrainedConfig) -> PreTrainedModel:
+    try:
+        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    except ValueError as error:
+        raise ConfigError(f"transformers has no causal LM for model family {config.model_type!r}: "
+                          f"{str(error).splitlines()[0][:200]}") from None
+
+
+def build_model(model: ModelConfig, config_json: bytes | None = None) -> PreTrainedModel:
     """The genesis model: same config and seed give bitwise the same parameters (on CPU)."""
-    gpt2 = GPT2Config(
-        vocab_size=config.vocab_size,
-        n_positions=config.n_positions,
-        n_embd=config.n_embd,
-        n_layer=config.n_layer,
-        n_head=config.n_head,
-        resid_pdrop=0.0,
-        embd_pdrop=0.0,
-        attn_pdrop=0.0,
-        tie_word_embeddings=True,
-        bos_token_id=0,  # byte-level vocabulary: GPT-2's default ids (50256) do not exist here
-        eos_token_id=0,
-    )
+    config = transformers_config(model, config_json)
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(config.init_seed)
-        model = GPT2LMHeadModel(gpt2)
-    return model
+        torch.manual_seed(model.init_seed)
+        built = _instantiate(config)
+    return built
+
+
+def count_parameters(model: ModelConfig, config_json: bytes | None = None) -> int:
+    """Trainable parameters (tied tensors once), counted without allocating the model."""
+    config = transformers_config(model, config_json)
+    with torch.device("meta"):
+        built = _instantiate(config)
+    return sum(p.numel() for p in built.parameters())
+
+
+def available_memory(device: str) -> int | None:
+    """Bytes this peer can use on ``device``: MemAvailable (CPU) or the GPU's total; None if unknown."""
+    if device.startswith("cuda") and torch.cuda.is_available():
+        return torch.cuda.get_device_properties(torch.device(device)).total_memory
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return None
+
+
+def check_memory(parameters: int, device: str, max_memory: int | None = None) -> int:
+    """The bytes a peer needs for ``parameters`` on ``device`` (on CUDA: in host memory, after the GPU
+    is checked too); ``InputError`` with the estimate when that is more than ``max_memory``
+    (default: what the machine has)."""
+    checks = [("cpu", "cpu")] if not device.startswith("cuda") else [("cuda-device", device), ("cuda-host", "cpu")]
+    needed = 0
+    for kind, where in checks:
+        per = BYTES_PER_PARAMETER[kind]
+        needed = per * parameters
+        limit = max_memory if max_memory is not None and where == "cpu" else available_memory(where)
+        if limit is not None and needed > limit:
+            named = "--max-memory" if max_memory is not None and where == "cpu" else f"available memory on {where}"
+            raise InputError(f"this peer cannot hold the run's model: about {per} bytes per parameter × "
+                             f"{parameters:,} parameters = {needed / 2**30:.2f} GiB, more than the "
+                             f"{limit / 2**30:.2f} GiB of {named}")
+    return needed
 
 
 def parameters_by_name(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -58,14 +157,14 @@ def load_parameters(model: torch.nn.Module, tensors: dict[str, torch.Tensor]) ->
 
 
 def batch_loss(model: torch.nn.Module, windows: torch.Tensor) -> torch.Tensor:
-    """Mean next-byte cross-entropy (nats/byte) of [B, T+1] windows."""
+    """Mean next-token cross-entropy (nats/token) of [B, T+1] windows."""
     logits = model(input_ids=windows[:, :-1]).logits  # [B, T, vocab]
     return F.cross_entropy(logits.reshape(-1, logits.size(-1)), windows[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
 def heldout_loss(model: torch.nn.Module, windows: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean held-out loss (nats/byte) over fixed windows, in eval mode."""
+    """Mean held-out loss (nats/token) over fixed windows, in eval mode."""
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device

@@ -28,10 +28,11 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
+from peer.assets import TOKENIZER_MAX_BYTES, coordinator_source, open_assets
 from peer.coordinator_client import CoordinatorClient
-from peer.data import load_corpus
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_peer
-from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, progress_key
+from peer.model import check_memory, count_parameters
+from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, progress_key, read_progress
 from peer.rounds import ANNOUNCE_ROUNDS, Announced, RoundExchanger, RoundOutcome, RoundWork, Settled, clock_of
 from peer.state import RoundState, outer_step
 from peer.swarm import SwarmNode
@@ -46,6 +47,8 @@ from protocol.signing import key_id
 __all__ = ["PeerOptions", "run_peer"]
 
 _MANIFEST_WAIT = 30.0
+_BLOB_DEADLINE = 120.0
+"""How long the swarm's peers are asked for one file of the run (a shard, the config, ...)."""
 _STATE_TRIES = 3
 """State downloads (the fallback) tried before training on from what this peer holds."""
 
@@ -72,6 +75,12 @@ class PeerOptions:
     """Write the consensus parameters to ``snapshots/`` every N rounds (0: never)."""
     save_state: Path | None = None
     """Write the consensus parameters here (safetensors) when leaving."""
+    max_memory: int | None = None
+    """Bytes this peer may use for the model (default: what the machine has); a larger model is refused."""
+    micro_batch: int | None = None
+    """Windows per forward pass (default: the run's batch_size); gradients are accumulated."""
+    activation_checkpointing: bool = False
+    """Recompute activations in the backward pass (less memory, about a third more compute)."""
     on_line: object = field(default=print, repr=False)
 
 
@@ -122,11 +131,26 @@ class PeerProcess:
         self.run_id = self.manifest.run_id
         self.key = load_or_create_key(options.workdir / "peer.key")
         self.peer_id = key_id(self.key.public_key_hex)
-        self.corpus = load_corpus(self.manifest.config.data)
-        self.trainer = Trainer(self.manifest, self.corpus, self.peer_id, options.device)
+        self.served: tuple[bytes | None, list[torch.Tensor]] = (None, [])
+        model, averaging = self.manifest.config.model, self.manifest.config.averaging
+        numel = model.parameters or count_parameters(model)
+        self.memory = check_memory(numel, options.device, options.max_memory)
+        node.start_averager(  # first: peers serve this peer's blob cache, and it fetches from theirs
+            prefix=f"{self.run_id}_avg",
+            payload_limit=payload_size(parse_codec(averaging.codec), numel),
+            averaging=averaging,
+            state_source=self._serve,
+            blobs=options.workdir / "blobs",
+        )
+        sources = [("the coordinator", coordinator_source(client))] if client is not None else []
+        sources.append(("the swarm's peers", self._from_peers))
+        self.assets = open_assets(self.manifest, options.workdir / "blobs", sources)
+        self.corpus = self.assets.corpus
+        self.trainer = Trainer(self.manifest, self.corpus, self.peer_id, options.device,
+                               config_json=self.assets.config_json, micro_batch=options.micro_batch,
+                               activation_checkpointing=options.activation_checkpointing)
         self.clock = clock_of(self.manifest)
         self.overlap = self.manifest.config.averaging.overlap
-        self.served: tuple[bytes | None, list[torch.Tensor]] = (None, [])
         self.contribution_path = options.workdir / "contribution.json"
         self.samples = _saved_samples(self.contribution_path, self.run_id)
         """Samples this peer (this key) has contributed to this run, across restarts."""
@@ -157,18 +181,28 @@ class PeerProcess:
     def _serve(self) -> tuple[bytes | None, list[torch.Tensor]]:
         return self.served
 
+    def _from_peers(self, sha256: str, size: int, destination: Path) -> None:
+        """A blob source: the live peers of the run, asked in turn (their records name their libp2p ids)."""
+        own = self.node.p2p_id
+        holders = [r.p2p_id for r in read_progress(self.node, self.run_id).alive() if r.p2p_id != own]
+        if not holders:
+            raise TransportError("no live peer found to ask")
+        limit = size if size >= 0 else TOKENIZER_MAX_BYTES
+        if not self.node.fetch_blob(sha256, limit, holders, destination, timeout=_BLOB_DEADLINE):
+            raise TransportError(f"none of {len(holders)} live peers served it within {_BLOB_DEADLINE:.0f} s")
+
     def start(self) -> None:
-        averaging, numel = self.manifest.config.averaging, self.trainer.layout.size
-        self.node.start_averager(
-            prefix=f"{self.run_id}_avg",
-            payload_limit=payload_size(parse_codec(averaging.codec), numel),
-            averaging=averaging,
-            state_source=self._serve,
-        )
+        numel = self.trainer.layout.size
         self.exchanger = RoundExchanger(self.node, self.manifest, self.key, self.peer_id, self.options.workdir, numel)
         start = self._recorded_state()
-        self.trainer.load(start.state)
-        source = start.source
+        if start is None:  # genesis is the run's init weights and no coordinator serves them
+            self.say("genesis is the run's init weights and no coordinator is given: loading a peer's state")
+            source = self._reload()
+            if source is None:
+                raise OutOfStep("no peer served its state, and genesis (the run's init weights) needs --coordinator")
+        else:
+            self.trainer.load(start.state)
+            source = start.source
         if (wait := self.clock.opens(0) - time.time()) > 0:
             self.say(f"round 0 opens in {wait:.0f} s")
         now_round = self.clock.round_at(time.time())
@@ -184,13 +218,17 @@ class PeerProcess:
         if self.options.snapshot_every > 0:
             self._snapshot()  # the first point of a curve: where training starts, and when
 
-    def _recorded_state(self) -> StartingState:
-        """The ledger's latest checkpoint (with a coordinator), else genesis rebuilt here."""
+    def _recorded_state(self) -> StartingState | None:
+        """The ledger's latest checkpoint (with a coordinator), else genesis rebuilt here (None when
+        genesis is the run's init weights, which only the coordinator serves)."""
+        config_json = self.assets.config_json
         if self.client is not None:
             folder = self.options.workdir / "checkpoints"
-            start, _ledger = state_from_checkpoint(self.client, self.manifest, self.trainer.layout, folder)
+            start, _ledger = state_from_checkpoint(self.client, self.manifest, self.trainer.layout, folder, config_json)
             return start
-        return state_from_genesis(self.manifest, self.trainer.layout)
+        if self.manifest.config.model.init:
+            return None
+        return state_from_genesis(self.manifest, self.trainer.layout, config_json)
 
     def _replay(self, target: int, *, in_flight: bool = False) -> int:
         """Settle rounds from this peer's consensus round up to ``target`` (exclusive) without work of
@@ -411,6 +449,16 @@ class PeerProcess:
             if (source := self._reload()) is not None:
                 self.say(f"caught up: now at round {self.trainer.state.round} ({source})")
 
+    def _data_for(self, window: int) -> bool:
+        """Fetch the training shard window ``window`` draws from (nothing for the built-in corpus);
+        False, said in one line, when no source has it: the peer sits the round out."""
+        try:
+            self.corpus.prefetch(self.peer_id, window)
+            return True
+        except (TransportError, DeadlineExceeded) as error:
+            self.say(f"round {window}: no training data ({error}); sitting this round out")
+            return False
+
     def _round(self) -> bool:
         """One window: catch up, inner steps until the window closes, announce, settle (async: in
         the background). Returns False when the peer should stop."""
@@ -424,6 +472,9 @@ class PeerProcess:
         self._catch_up(window)
         if self.stop.requested:
             return False
+        if not self._data_for(window):
+            self._sleep_until(self.clock.closes(window))
+            return not self.stop.requested
         stop_at = self.clock.closes(window) - min(self.clock.seconds / 4, 0.1 + 1.5 * self.announce_seconds)
         self.last_hook = None
         inner = self.trainer.inner_steps(window, lambda: self._between_steps(stop_at), slowdown=self.options.slowdown)

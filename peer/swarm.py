@@ -92,8 +92,10 @@ class _PayloadAverager(_StateSharingAverager):
     megabytes can break partway through when the CPU is busy.
     """
 
-    def __init__(self, *args, payload_limit: int, handoff: Path, kept: int, **kwargs):
+    def __init__(self, *args, payload_limit: int, handoff: Path, kept: int, blobs: Path | None = None, **kwargs):
         self._payload_limit, self._handoff, self._kept = payload_limit, handoff, kept
+        self._blobs = blobs
+        """The peer's blob cache (model config, tokenizer, data index, shards), served by sha256."""
         self._store: OrderedDict[str, bytes] = OrderedDict()
         self._prefetching: set[asyncio.Task] = set()
         """Fetches started on another peer's notice (owned here, bounded by ``_MAX_PREFETCHES``)."""
@@ -131,6 +133,29 @@ class _PayloadAverager(_StateSharingAverager):
             except OSError:
                 continue
         return out
+
+    def fetch_blob(self, digest: str, limit: int, holders: Sequence[str], destination: Path, timeout: float) -> bool:
+        """(Peer process) a blob of at most ``limit`` bytes from the first of ``holders`` (libp2p ids)
+        that serves it, written to ``destination`` (its hash is the caller's to check)."""
+        return self._call("_fetch_blob", timeout + 30.0, digest=digest, limit=limit, holders=list(holders),
+                          destination=str(destination), timeout=timeout)
+
+    async def _fetch_blob(self, digest: str, limit: int, holders: list[str], destination: str, timeout: float,
+                          future: MPFuture) -> None:
+        deadline = time.monotonic() + timeout
+        try:
+            for holder in holders:
+                remaining = deadline - time.monotonic()
+                if remaining <= 0:
+                    break
+                body = await self._receive(holder, digest, limit, remaining)
+                if body is not None and hashlib.sha256(body).hexdigest() == digest:
+                    await asyncio.to_thread(Path(destination).write_bytes, body)
+                    future.set_result(True)
+                    return
+            future.set_result(False)
+        except Exception as error:  # reported to the caller, who tries its next source
+            future.set_exception(error)
 
     def _keep(self, digest: str, payload: bytes) -> None:
         self._store[digest] = payload
@@ -220,6 +245,13 @@ class _PayloadAverager(_StateSharingAverager):
         """The payload from one holder, or None (not held, failed, too large, or a wrong hash)."""
         if size > self._payload_limit:
             return None
+        body = await self._receive(holder, digest, size, timeout)
+        if body is None or len(body) != size or hashlib.sha256(body).hexdigest() != digest:
+            return None
+        return body
+
+    async def _receive(self, holder: str, digest: str, size: int, timeout: float) -> bytes | None:
+        """What one holder serves for ``digest``, at most ``size`` bytes, within ``timeout`` (None: failed)."""
         request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self.peer_id.to_bytes())
         received = bytearray()
 
@@ -235,17 +267,19 @@ class _PayloadAverager(_StateSharingAverager):
         except Exception as error:  # this holder failed: the next one is asked
             logger.debug("payload %s from %s failed: %r", digest[:16], holder, error)
             return None
-        body = bytes(received)
-        if len(body) != size or hashlib.sha256(body).hexdigest() != digest:
-            return None
-        return body
+        return bytes(received) if received else None
 
     async def rpc_payload(
         self, request: averaging_pb2.AveragingData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        """Serve a payload this peer holds, by sha256, to anyone (payloads are public); nothing if
-        it does not hold it."""
-        payload = self._store.get(request.group_id.hex())
+        """Serve a payload or a blob of the run's files this peer holds, by sha256, to anyone (both are
+        public); nothing if it does not hold it."""
+        digest = request.group_id.hex()
+        payload = self._store.get(digest)
+        if payload is None and self._blobs is not None and len(digest) == 64:
+            path = self._blobs / digest
+            if path.is_file():
+                payload = await asyncio.to_thread(path.read_bytes)
         if payload is None:
             return
         for start in range(0, len(payload), _CHUNK_BYTES):
@@ -294,6 +328,7 @@ class SwarmNode:
         averaging: AveragingConfig,
         state_source: StateSource | None = None,
         client_mode: bool = False,
+        blobs: Path | None = None,
     ) -> None:
         """Start exchanging payloads of up to ``payload_limit`` bytes on ``prefix``; serve
         ``state_source`` to joiners.
@@ -316,6 +351,7 @@ class SwarmNode:
                 payload_limit=payload_limit,
                 handoff=self._handoff_folder(),
                 kept=(averaging.max_contributors + 1) * _KEPT_ROUNDS,
+                blobs=blobs,
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
@@ -348,6 +384,10 @@ class SwarmNode:
         """Keep ``payload`` in this peer's store (served by sha256 to anyone) and ask the peers
         ``notify`` (libp2p ids) to fetch a copy now; returns the sha256."""
         return self._need_averager().hold(payload, notify)
+
+    def fetch_blob(self, digest: str, limit: int, holders: Sequence[str], destination: Path, timeout: float) -> bool:
+        """A blob from the first of ``holders`` that serves it, written to ``destination`` (unchecked)."""
+        return self._need_averager().fetch_blob(digest, limit, holders, destination, timeout)
 
     def fetch_payloads(self, wanted: Sequence[tuple[str, int, Sequence[str]]], timeout: float) -> dict[str, bytes]:
         """Fetch ``(sha256, size, holders)`` payloads (holders: libp2p ids, asked in turn), checked

@@ -11,6 +11,11 @@ averaged: ``rebase``), and apply Δ̄ one round late; see docs/protocol.md, "Sta
 
 The inner AdamW state stays with the peer across rounds (as in DiLoCo); its learning rate
 follows the manifest's schedule (``TrainingConfig.inner_lr_at``) by the run's step count.
+
+An inner step always covers the run's ``batch_size`` windows; a peer short of memory splits them
+into micro-batches and accumulates their gradients (``micro_batch``; on CUDA it halves the
+micro-batch by itself when a step runs out of memory). On CUDA the forward and backward passes
+run under bf16 autocast; parameters, gradients, AdamW's moments and the round state stay fp32.
 With ``outer_momentum = 0`` the outer step is plain SGD: θ_{r+1} = θ_r − η·Δ̄.
 """
 
@@ -21,7 +26,7 @@ from dataclasses import dataclass
 
 import torch
 
-from peer.data import Corpus, training_batch
+from peer.data import Corpus, ShardCorpus
 from peer.model import batch_loss, build_model
 from peer.state import RoundState, StateLayout, outer_step
 from protocol.manifest import RunManifest
@@ -39,13 +44,22 @@ class InnerResult:
 class Trainer:
     """Holds the model, the inner optimiser and the round-boundary state."""
 
-    def __init__(self, manifest: RunManifest, corpus: Corpus, peer_id: str, device: str = "cpu"):
+    def __init__(self, manifest: RunManifest, corpus: Corpus | ShardCorpus, peer_id: str, device: str = "cpu", *,
+                 config_json: bytes | None = None, micro_batch: int | None = None,
+                 activation_checkpointing: bool = False):
         self.config = manifest.config
         self.corpus = corpus
         self.peer_id = peer_id
         self.device = torch.device(device)
-        self.model = build_model(self.config.model).to(self.device)
+        self.model = build_model(self.config.model, config_json).to(self.device)
+        if activation_checkpointing:  # transformers 5 renamed it; 4.x knows the old name only
+            enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
+            enable()
         self.model.train()
+        self.micro_batch = min(micro_batch or self.config.training.batch_size, self.config.training.batch_size)
+        """Windows per forward pass; the gradients of ``batch_size / micro_batch`` passes are summed."""
+        self.autocast = self.device.type == "cuda"
+        """bf16 autocast for the forward and backward passes (CUDA only)."""
         self.layout = StateLayout.of(self.model)
         training = self.config.training
         self.inner = torch.optim.AdamW(
@@ -94,24 +108,41 @@ class Trainer:
             if stop_requested():
                 break
             began = time.monotonic()
-            windows = training_batch(
-                self.corpus, self.config.data, training.batch_size,
-                peer_id=self.peer_id, round=round, step=first_window + step,
-            ).to(self.device)
+            windows = self.corpus.batch(
+                self.config.data, training.batch_size, peer_id=self.peer_id, round=round, step=first_window + step,
+            ).to(self.device, non_blocking=True)
             for group in self.inner.param_groups:  # the run's schedule: every peer of a round agrees
                 group["lr"] = training.inner_lr_at(first_step + step)
-            loss = batch_loss(self.model, windows)
-            self.inner.zero_grad(set_to_none=True)
-            loss.backward()
+            loss = self._gradient(windows)
             if training.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(self.model.parameters(), training.grad_clip)
             self.inner.step()
-            losses.append(loss.item())
+            losses.append(loss)
             if slowdown > 1.0:  # a slower peer, for tests and benchmarks of uneven speeds
                 time.sleep((slowdown - 1.0) * (time.monotonic() - began))
         samples = len(losses) * training.batch_size
         mean = sum(losses) / len(losses) if losses else float("nan")
         return InnerResult(mean, samples, time.monotonic() - started)
+
+    def _gradient(self, windows: torch.Tensor) -> float:
+        """The gradient of the mean loss over ``windows`` in ``.grad`` (summed over micro-batches);
+        returns the loss. On CUDA, a micro-batch that runs out of memory is halved and retried."""
+        while True:
+            self.inner.zero_grad(set_to_none=True)
+            try:
+                total = 0.0
+                for chunk in windows.split(self.micro_batch):
+                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                        loss = batch_loss(self.model, chunk)
+                    (loss * (chunk.size(0) / windows.size(0))).backward()
+                    total += loss.detach() * chunk.size(0)
+                return float(total) / windows.size(0)
+            except torch.OutOfMemoryError:
+                if self.micro_batch == 1:
+                    raise
+                self.micro_batch //= 2
+                self.inner.zero_grad(set_to_none=True)
+                torch.cuda.empty_cache()
 
     def outer_gradient(self) -> torch.Tensor:
         """Δ = x_r − x' (flat float32, CPU)."""

@@ -22,6 +22,10 @@ from protocol.signing import SigningKey, key_id, verify_signature
 from protocol.wire import PROTOCOL_VERSION, canonical_bytes, decode_map, is_hex, is_wire_int
 
 __all__ = [
+    "SHA256_PREFIX",
+    "INLINE_PREFIX",
+    "is_blob_ref",
+    "blob_digest",
     "ModelConfig",
     "DataSpec",
     "TrainingConfig",
@@ -38,52 +42,115 @@ def _require(condition: bool, message: str) -> None:
         raise ConfigError(message)
 
 
+INLINE_PREFIX = "json:"
+"""RUN.toml's inline ``[model.config]`` table, as canonical JSON text, before launch resolves it."""
+SHA256_PREFIX = "sha256:"
+"""How the signed manifest names a file the coordinator serves content-addressed (``/blobs/<hex>``)."""
+
+
+def is_blob_ref(value: object) -> bool:
+    """True for ``sha256:<64 lowercase hex digits>``."""
+    return isinstance(value, str) and value.startswith(SHA256_PREFIX) and is_hex(value[len(SHA256_PREFIX):], 64)
+
+
+def blob_digest(value: str) -> str:
+    """The hex digest of a ``sha256:<hex>`` reference."""
+    return value[len(SHA256_PREFIX):]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ModelConfig:
-    """A GPT-2-family causal LM (built with transformers' ``GPT2Config``)."""
+    """The model: a decoder-only causal LM that ``transformers`` builds from a config.
 
-    family: Literal["gpt2"] = "gpt2"
-    """Model family; only GPT-2 for now."""
+    Either ``config`` names a transformers config (RUN.toml: a path to ``config.json``, or an
+    inline ``[model.config]`` table; the signed manifest: ``sha256:<hex>`` of its canonical JSON),
+    or it is empty and the five GPT-2 numbers below describe a byte-level GPT-2 (the demo).
+    """
+
+    family: str = "gpt2"
+    """The transformers ``model_type`` (llama, qwen2, mistral, gpt2, ...); must equal the config's."""
+    config: str = ""
+    """A transformers config: a path relative to RUN.toml's folder (RUN.toml), or ``sha256:<hex>``
+    (the manifest); empty for the built-in GPT-2 of the five numbers below."""
+    init: str = ""
+    """Optional starting weights (safetensors, names as ``named_parameters``): a path (RUN.toml), or
+    ``sha256:<hex>`` (the manifest); empty to initialise from ``init_seed``."""
+    parameters: int = 0
+    """Trainable parameters (tied tensors once); the coordinator fills it in at launch, so a peer
+    can tell whether it can hold the model before downloading anything."""
     vocab_size: int = 256
-    """Vocabulary size; 256 is the byte-level vocabulary the corpus uses."""
+    """GPT-2 without ``config``: vocabulary size; 256 is the byte-level vocabulary."""
     n_positions: int = 128
-    """Longest context in tokens; must be at least ``data.seq_len``."""
+    """GPT-2 without ``config``: longest context in tokens; must be at least ``data.seq_len``."""
     n_embd: int = 128
-    """Hidden width."""
+    """GPT-2 without ``config``: hidden width."""
     n_layer: int = 2
-    """Number of transformer blocks."""
+    """GPT-2 without ``config``: number of transformer blocks."""
     n_head: int = 4
-    """Attention heads; must divide ``n_embd``."""
+    """GPT-2 without ``config``: attention heads; must divide ``n_embd``."""
     init_seed: int = 0
     """Seed of the genesis initialisation (the genesis root depends on it)."""
 
     def __post_init__(self) -> None:
-        _require(self.family == "gpt2", f"model.family must be 'gpt2', not {self.family!r}")
+        _require(isinstance(self.family, str) and self.family.replace("_", "").isalnum() and self.family.islower(),
+                 f"model.family {self.family!r} must be a transformers model_type (lowercase letters, digits, '_')")
+        if not self.config:
+            _require(self.family == "gpt2", f"model.family {self.family!r} needs model.config (a transformers config)")
+        _require(not self.init or bool(self.config), "model.init needs model.config")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive")
         _require(self.n_embd % self.n_head == 0, "model.n_head must divide model.n_embd")
         _require(self.vocab_size >= 256, "model.vocab_size must be at least 256 (byte-level data)")
         _require(self.init_seed >= 0, "model.init_seed must be non-negative")
+        _require(self.parameters >= 0, "model.parameters must be non-negative")
 
 
 @dataclass(frozen=True, kw_only=True)
 class DataSpec:
-    """Where training and held-out text comes from."""
+    """Where training and held-out tokens come from.
 
-    corpus: Literal["python-stdlib"] = "python-stdlib"
-    """The Python standard library's own ``.py`` files, sorted; every machine has them."""
+    ``python-stdlib``: the standard library's ``.py`` files as bytes (the demo; every machine has
+    them). ``files``: the coordinator's own text files, tokenized at launch into content-addressed
+    token shards listed by a signed data index (``protocol.data_index``) that peers download.
+    """
+
+    corpus: Literal["python-stdlib", "files"] = "python-stdlib"
+    """``python-stdlib``, or ``files`` (the default when ``files`` is given)."""
+    files: tuple[str, ...] = ()
+    """``files``: globs of local ``.txt``, ``.jsonl`` or ``.parquet`` files, relative to RUN.toml's folder."""
+    text_field: str = "text"
+    """The text column of ``.jsonl`` and ``.parquet`` files."""
+    tokenizer: str = "bytes"
+    """``bytes`` (one token per byte), or a Hugging Face ``tokenizers`` file: a path (RUN.toml) or
+    ``sha256:<hex>`` (the manifest)."""
+    index: str = ""
+    """``files``: ``sha256:<hex>`` of the signed data index; the coordinator fills it in at launch."""
+    shard_tokens: int = 1 << 20
+    """``files``: tokens per shard (the last shard of each split may be shorter)."""
     seq_len: int = 128
-    """Bytes per training window."""
+    """Tokens per training window."""
     heldout_percent: int = 5
-    """Share of files (chosen by a hash of their path) kept out of training for evaluation."""
+    """Share of files (``python-stdlib``) or documents (``files``), chosen by a hash of their path
+    or text, kept out of training for evaluation."""
     eval_windows: int = 64
     """Held-out windows scored for each checkpoint's held-out loss."""
     seed: int = 0
     """Seed that, with a peer's id and round, fixes which windows that peer trains on."""
 
     def __post_init__(self) -> None:
-        _require(self.corpus == "python-stdlib", f"data.corpus must be 'python-stdlib', not {self.corpus!r}")
+        _require(self.corpus in ("python-stdlib", "files"), f"data.corpus must be 'python-stdlib' or 'files', not {self.corpus!r}")
+        if self.corpus == "files":
+            _require(len(self.files) > 0, "data.files must list at least one file or glob for corpus 'files'")
+        else:
+            _require(not self.files, "data.files needs data.corpus = 'files'")
+            _require(self.tokenizer == "bytes", "data.tokenizer needs data.corpus = 'files' (the stdlib corpus is bytes)")
+            _require(not self.index, "data.index needs data.corpus = 'files'")
+        _require(all(isinstance(f, str) and f for f in self.files), "data.files must be non-empty strings")
+        _require(bool(self.text_field), "data.text_field must not be empty")
+        _require(bool(self.tokenizer), "data.tokenizer must be 'bytes' or a tokenizer file")
+        _require(self.shard_tokens >= 1024, "data.shard_tokens must be at least 1024")
         _require(self.seq_len >= 8, "data.seq_len must be at least 8")
+        _require(self.shard_tokens > self.seq_len + 1, "data.shard_tokens must exceed data.seq_len + 1")
         _require(0 < self.heldout_percent < 50, "data.heldout_percent must be between 1 and 49")
         _require(self.eval_windows > 0, "data.eval_windows must be positive")
 
@@ -224,6 +291,8 @@ def _value_ok(value: Any, hint: Any) -> bool:
         return value in typing.get_args(hint)
     if origin is tuple:
         args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return isinstance(value, (list, tuple)) and len(value) <= 4096 and all(_value_ok(v, args[0]) for v in value)
         return isinstance(value, (list, tuple)) and len(value) == len(args) and all(
             _value_ok(v, a) for v, a in zip(value, args, strict=True)
         )
@@ -238,7 +307,10 @@ def _value_ok(value: Any, hint: Any) -> bool:
 
 def _coerce(value: Any, hint: Any) -> Any:
     if typing.get_origin(hint) is tuple:
-        return tuple(_coerce(v, a) for v, a in zip(value, typing.get_args(hint), strict=True))
+        args = typing.get_args(hint)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_coerce(v, args[0]) for v in value)
+        return tuple(_coerce(v, a) for v, a in zip(value, args, strict=True))
     return float(value) if hint is float else value
 
 
@@ -290,10 +362,8 @@ class RunConfig:
         ok = isinstance(self.name, str) and 0 < len(self.name) <= 64
         ok = ok and all(c.isalnum() or c in "-_" for c in self.name)
         _require(ok, f"run.name {self.name!r} must be 1-64 letters, digits, '-' or '_'")
-        _require(
-            self.model.n_positions >= self.data.seq_len,
-            "model.n_positions must be at least data.seq_len",
-        )
+        if not self.model.config:
+            _require(self.model.n_positions >= self.data.seq_len, "model.n_positions must be at least data.seq_len")
 
     @classmethod
     def from_toml(cls, text: str) -> RunConfig:
@@ -308,7 +378,13 @@ class RunConfig:
         run = doc.get("run")
         if not isinstance(run, dict) or set(run) != {"name"}:
             raise ConfigError("[run] must hold exactly one key: name")
-        sections = {name: _section(cls_, doc.get(name, {}), name, complete=False) for name, cls_ in _SECTIONS.items()}
+        tables = {name: dict(doc.get(name, {})) if isinstance(doc.get(name, {}), dict) else doc[name] for name in _SECTIONS}
+        model, data = tables["model"], tables["data"]
+        if isinstance(model, dict) and isinstance(model.get("config"), dict):  # the config's keys inline
+            model["config"] = INLINE_PREFIX + json.dumps(model["config"], sort_keys=True, separators=(",", ":"))
+        if isinstance(data, dict) and data.get("files") and "corpus" not in data:
+            data["corpus"] = "files"
+        sections = {name: _section(cls_, tables[name], name, complete=False) for name, cls_ in _SECTIONS.items()}
         return cls(name=run["name"], **sections)
 
     def to_toml(self) -> str:
@@ -349,6 +425,15 @@ class RunManifest:
             raise MalformedRecord("manifest: coordinator_key must be 64 hex digits")
         if not is_hex(self.genesis_root, 64):
             raise MalformedRecord("manifest: genesis_root must be 64 hex digits")
+        model, data = self.config.model, self.config.data
+        for name, value, allowed in (("model.config", model.config, ""), ("model.init", model.init, ""),
+                                     ("data.tokenizer", data.tokenizer, "bytes"), ("data.index", data.index, "")):
+            if value != allowed and not is_blob_ref(value):
+                raise MalformedRecord(f"manifest: {name} must be {allowed!r} or sha256:<64 hex digits>, not {value!r}")
+        if data.corpus == "files" and not data.index:
+            raise MalformedRecord("manifest: data.index must name the signed data index for corpus 'files'")
+        if model.config and model.parameters <= 0:
+            raise MalformedRecord("manifest: model.parameters must be positive for a model.config")
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {

@@ -90,7 +90,8 @@ def _reject_ext(code: int, data: bytes) -> Any:
     raise MalformedRecord(f"msgpack extension type {code} is not allowed")
 
 
-def decode_map(raw: bytes, *, what: str, max_bytes: int = MAX_RECORD_BYTES) -> dict[str, Any]:
+def decode_map(raw: bytes, *, what: str, max_bytes: int = MAX_RECORD_BYTES,
+               max_container: int = _MAX_CONTAINER) -> dict[str, Any]:
     """Decode untrusted bytes into a plain map, enforcing size limits; no object hooks."""
     if not isinstance(raw, (bytes, bytearray, memoryview)):
         raise MalformedRecord(f"{what}: expected bytes, got {type(raw).__name__}")
@@ -104,7 +105,7 @@ def decode_map(raw: bytes, *, what: str, max_bytes: int = MAX_RECORD_BYTES) -> d
             ext_hook=_reject_ext,
             max_str_len=_MAX_STR,
             max_bin_len=0,
-            max_array_len=_MAX_CONTAINER,
+            max_array_len=max_container,
             max_map_len=_MAX_CONTAINER,
             max_ext_len=0,
         )

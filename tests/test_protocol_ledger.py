@@ -518,20 +518,20 @@ EXAMPLE_DIGESTS = {
 EXAMPLE_ROOT = "3079c988bc29ea318fbfa57c0128f777a4cd8cb443dffdebfb925b14812f19d8"
 EXAMPLE_FILE_SHA256 = "f239814109b316c6a1a7b2d88bc8348438cf6eda0952f6d2f1f451b25569a469"
 """sha256 of ``safetensors.torch.save(EXAMPLE_TENSORS)`` (160 bytes, safetensors 0.8); pinned, not recomputed."""
-EXAMPLE_RUN_ID = "6be327b8bc0c93e6"
+EXAMPLE_RUN_ID = "bb054797f17400bb"
 EXAMPLE_JSON_LINE = (
-    "{\"checkpoint_root\":\"3079c988bc29ea318fbfa57c0128f777a4cd8cb443dffdebfb925b14812f19d8\",\"contributors\""
-    ":[],\"created_at\":1700000060.0,\"files\":[{\"name\":\"model.safetensors\",\"root\":\"3079c988bc29ea318fbfa57c0"
-    "128f777a4cd8cb443dffdebfb925b14812f19d8\",\"sha256\":\"f239814109b316c6a1a7b2d88bc8348438cf6eda0952f6d2f"
-    "1f451b25569a469\",\"size\":160,\"tensors\":{\"step\":\"19edcd1ea4d2fa521bffc27699e6095d626407d7c691fc0d1eddc"
-    "87a12aa6eb1\",\"wte.weight\":\"665f549f853f016c87efa7913fa9b2adff2a1985d9a3140c9365017a031ff530\"}}],\"hel"
-    "dout_loss\":5.545177444479562,\"kind\":\"genesis\",\"prev\":\"0000000000000000000000000000000000000000000000"
-    "000000000000000000\",\"round\":0,\"run_id\":\"6be327b8bc0c93e6\",\"seq\":0,\"signature\":\"047a7b534c0f442cfa648"
-    "f06e52a92b1986a3d9d4b7304edb2046fcb710cd7a0bdddabb25359e4c422cf8f2cb3259708ec2bd3592039071f70a94b493"
-    "9fe3805\",\"signer\":\"03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc8664125531b8\",\"total_samples\""
-    ":0,\"version\":1}"
+    "{\"checkpoint_root\":\"3079c988bc29ea318fbfa57c0128f777a4cd8cb443dffdebfb925b14812f19d8\",\"contributors"
+    "\":[],\"created_at\":1700000060.0,\"files\":[{\"name\":\"model.safetensors\",\"root\":\"3079c988bc29ea31"
+    "8fbfa57c0128f777a4cd8cb443dffdebfb925b14812f19d8\",\"sha256\":\"f239814109b316c6a1a7b2d88bc8348438cf6eda"
+    "0952f6d2f1f451b25569a469\",\"size\":160,\"tensors\":{\"step\":\"19edcd1ea4d2fa521bffc27699e6095d626407d7"
+    "c691fc0d1eddc87a12aa6eb1\",\"wte.weight\":\"665f549f853f016c87efa7913fa9b2adff2a1985d9a3140c9365017a031f"
+    "f530\"}}],\"heldout_loss\":5.545177444479562,\"kind\":\"genesis\",\"prev\":\"000000000000000000000000000"
+    "0000000000000000000000000000000000000\",\"round\":0,\"run_id\":\"bb054797f17400bb\",\"seq\":0,\"signatur"
+    "e\":\"e152e302724d66d6b007ad91f70b47556159b7c207836a8b6fc2800c67fb431f4febbe66b42aa88cac572269a93edb85b0"
+    "bdacf1121c677b442904298371c80d\",\"signer\":\"03a107bff3ce10be1d70dd18e74bc09967e4d6309ba50d5f1ddc866412"
+    "5531b8\",\"total_samples\":0,\"version\":1}"
 )
-EXAMPLE_ENTRY_HASH = "70b45633a3a30d811438603bd85446107749d3d22507466eaee10f13074f3d80"
+EXAMPLE_ENTRY_HASH = "1ea404bca014c7d78549214d353db35357e9d3aeeac549b3ee0cf05fd9349885"
 
 
 def example_manifest() -> RunManifest:

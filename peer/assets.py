@@ -1,0 +1,69 @@
+"""What a peer needs besides the manifest, fetched into ``WORKDIR/blobs`` and checked by sha256.
+
+The manifest names the model config, the tokenizer and the signed data index by sha256; the index
+names every token shard by sha256. A peer fetches the config, the tokenizer and the index when it
+joins, and a shard only when one of its rounds draws from it (``peer.data.ShardCorpus``). Each comes
+from this peer's cache when it holds it, else from the coordinator, else from any peer that holds
+it (``peer.swarm``: peers serve their cache by sha256), so a peer joined with ``--initial-peers``
+trains on while the coordinator is down.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from peer.blobs import BlobCache, BlobSource
+from peer.coordinator_client import CoordinatorClient
+from peer.data import Corpus, ShardCorpus, load_corpus
+from protocol.data_index import INDEX_MAX_BYTES, SignedDataIndex
+from protocol.errors import InputError
+from protocol.manifest import RunManifest, blob_digest
+
+__all__ = ["RunAssets", "open_assets", "coordinator_source", "CONFIG_MAX_BYTES", "TOKENIZER_MAX_BYTES"]
+
+CONFIG_MAX_BYTES = 1024 * 1024
+TOKENIZER_MAX_BYTES = 256 * 1024 * 1024
+
+
+@dataclass
+class RunAssets:
+    """The run's model config bytes (None: the built-in GPT-2), its data, and the cache they came from."""
+
+    config_json: bytes | None
+    corpus: Corpus | ShardCorpus
+    cache: BlobCache | None
+
+
+def coordinator_source(client: CoordinatorClient) -> BlobSource:
+    """Blobs from the coordinator's ``/blobs/<sha256>``."""
+
+    def fetch(sha256: str, size: int, destination: Path) -> None:
+        client.download(f"/blobs/{sha256}", destination, size if size >= 0 else TOKENIZER_MAX_BYTES)
+
+    return fetch
+
+
+def open_assets(manifest: RunManifest, folder: Path, sources: Sequence[tuple[str, BlobSource]]) -> RunAssets:
+    """Fetch (or find in ``folder``) and check the config, tokenizer and data index the manifest names."""
+    model, data = manifest.config.model, manifest.config.data
+    if not model.config and data.corpus == "python-stdlib":
+        return RunAssets(None, load_corpus(data), None)
+    cache = BlobCache(folder, sources)
+    config_json = None
+    if model.config:
+        config_json = cache.read(blob_digest(model.config), "the model config")
+        if len(config_json) > CONFIG_MAX_BYTES:
+            raise InputError(f"the model config is larger than {CONFIG_MAX_BYTES} bytes")
+    if data.corpus == "python-stdlib":
+        return RunAssets(config_json, load_corpus(data), cache)
+    raw = cache.read(blob_digest(data.index), "the data index")
+    if len(raw) > INDEX_MAX_BYTES:
+        raise InputError(f"the data index is larger than {INDEX_MAX_BYTES} bytes")
+    index = SignedDataIndex.from_bytes(raw).verify(manifest.coordinator_key)
+    if data.tokenizer != "bytes":
+        if index.tokenizer != blob_digest(data.tokenizer):
+            raise InputError("the data index was made with another tokenizer than the manifest names")
+        cache.fetch(index.tokenizer, -1, "the tokenizer")
+    return RunAssets(config_json, ShardCorpus(index, cache, data), cache)
