@@ -164,8 +164,12 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="gpu-check-") as tmp:
         swarm = _swarm(Path(tmp), config, args.device, args.batch, args.seq_len, minutes)
     for peer, figures in swarm["peers"].items():
-        print(f"{peer}: {figures['samples_per_second']:.1f} samples/s ({figures['samples_per_second'] / plain:.1%} of "
-              f"the plain loop), {figures['averaged']} of {figures['rounds']} rounds averaged", flush=True)
+        print(f"{peer}: {figures['samples_per_second']:.1f} samples/s while computing, {figures['averaged']} of "
+              f"{figures['rounds']} rounds averaged", flush=True)
+    together = sum(p["samples_per_second"] for p in swarm["peers"].values())
+    swarm["peers_together_vs_plain"] = together / plain
+    print(f"the 2 peers together (one device): {together:.1f} samples/s, {together / plain:.1%} of the plain loop",
+          flush=True)
     print(f"held-out loss by checkpoint: {swarm['heldout']}")
     print(f"audit: exit {swarm['audit']['code']}: {swarm['audit']['output']}")
     print(json.dumps({"bench": "gpu_check", "device": name, "parameters": parameters, "batch": args.batch,
