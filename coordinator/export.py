@@ -21,8 +21,9 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
-from transformers import GenerationConfig
+from transformers import AutoModelForCausalLM, GenerationConfig
 
 from coordinator.audit import hash_safetensors_file, verify_checkpoint_files
 from peer.blobs import BlobStore
@@ -186,9 +187,8 @@ def export_checkpoint(workdir: Path, out: Path, round: int | None = None) -> Exp
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
     try:
-        from transformers import AutoModelForCausalLM
-
-        hf_config.architectures = [AutoModelForCausalLM._model_mapping[type(hf_config)].__name__]
+        with torch.device("meta"):  # the class transformers picks for this config, without its weights
+            hf_config.architectures = [type(AutoModelForCausalLM.from_config(hf_config)).__name__]
         hf_config.save_pretrained(partial)
         save_file({n: t.contiguous() for n, t in tensors.items()}, str(partial / "model.safetensors"),
                   metadata={"format": "pt", "barnraise_run": manifest.run_id, "barnraise_entry": str(entry.seq)})

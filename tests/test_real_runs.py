@@ -349,3 +349,19 @@ def test_export_loads_with_from_pretrained_generates_and_its_root_is_the_ledgers
         export_checkpoint(root / "coord", out)
     with pytest.raises(InputError, match="no checkpoint of round 99"):
         export_checkpoint(root / "coord", tmp_path / "other", round=99)
+
+
+def test_the_built_in_byte_level_run_exports_with_a_byte_tokenizer(tmp_path):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    run = prepare_run(RunConfig(name="demo"), tmp_path / "coord")
+    run.ledger.write_jsonl(tmp_path / "coord" / "ledger.jsonl")
+    run.ledger.close()
+    export_checkpoint(tmp_path / "coord", tmp_path / "out")
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "out")
+    assert tokenizer("héllo\n").input_ids == list("héllo\n".encode())  # a token is a byte
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "out")
+    assert type(model).__name__ == "GPT2LMHeadModel"
+    generated = model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 8)
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
