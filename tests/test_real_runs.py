@@ -365,3 +365,32 @@ def test_the_built_in_byte_level_run_exports_with_a_byte_tokenizer(tmp_path):
     generated = model.generate(**tokenizer("def ", return_tensors="pt"), max_new_tokens=4, do_sample=False)
     assert generated.shape == (1, 8)
     assert json.loads((tmp_path / "out" / "config.json").read_text())["architectures"] == ["GPT2LMHeadModel"]
+
+
+def test_init_weights_become_genesis_and_a_misfit_is_refused(tmp_path):
+    from safetensors.torch import save_file
+
+    from peer.join import state_from_genesis
+    from peer.state import StateLayout
+    from protocol.hashing import checkpoint_root
+
+    run_toml = make_run(tmp_path / "run", "qwen2", limit=600_000)
+    model_config, config_json = _model("qwen2")
+    start = build_model(dataclasses.replace(model_config, init_seed=7), (tmp_path / "run" / "model" / "config.json")
+                        .read_bytes())
+    tensors = {n: p.detach().clone() for n, p in start.named_parameters()}
+    (tmp_path / "run" / "start").mkdir()
+    save_file(tensors, str(tmp_path / "run" / "start" / "w.safetensors"))
+    text = run_toml.read_text().replace('config = "model/config.json"\n',
+                                        'config = "model/config.json"\ninit = "start/w.safetensors"\n')
+    run = prepare_run(RunConfig.from_toml(text), tmp_path / "coord", base=tmp_path / "run")
+    run.ledger.close()
+    assert run.manifest.config.model.init.startswith("sha256:")
+    assert run.manifest.genesis_root == checkpoint_root(tensors)
+    with pytest.raises(HashMismatch, match="init weights"):
+        state_from_genesis(run.manifest, StateLayout.of(start))
+    first = sorted(tensors)[0]
+    tensors[first] = tensors[first][:1]
+    save_file(tensors, str(tmp_path / "run" / "start" / "w.safetensors"))
+    with pytest.raises(InputError, match=f"model.init does not fit model.config: .*{first}"):
+        prepare_run(RunConfig.from_toml(text), tmp_path / "coord2", base=tmp_path / "run")
