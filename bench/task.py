@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -24,7 +25,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from peer.data import Corpus, heldout_windows, training_batch
 from peer.model import heldout_loss
 from protocol.errors import ConfigError
-from protocol.manifest import DataSpec, ModelConfig, TrainingConfig
+from protocol.manifest import INLINE_PREFIX, DataSpec, ModelConfig, TrainingConfig
 from protocol.signing import SigningKey, key_id
 
 __all__ = ["TaskSpec", "SIZES", "reference_task", "bench_peer_id", "swarm_peer_key", "swarm_peer_id", "windows", "evaluate", "checkpoint_steps"]
@@ -85,7 +86,8 @@ class TaskSpec:
         self.training_schedule()  # a schedule the manifest would refuse is refused here too
         _require(self.eval_windows is None or self.eval_windows > 0, "task.eval_windows must be positive")
         _require(self.curve_points > 0, "task.curve_points must be positive")
-        _require(self.model.n_positions >= self.data.seq_len, "task.model.n_positions must be at least data.seq_len")
+        if not self.model.config:
+            _require(self.model.n_positions >= self.data.seq_len, "task.model.n_positions must be at least data.seq_len")
 
     def training_schedule(self) -> TrainingConfig:
         """The learning-rate schedule as the manifest holds it: ``.inner_lr_at(step)`` is the rate."""
@@ -160,12 +162,19 @@ def checkpoint_steps(spec: TaskSpec) -> list[int]:
     return sorted({*range(0, spec.steps, every), spec.steps})
 
 
+_LLAMA = {"model_type": "llama", "vocab_size": 256, "hidden_size": 128, "intermediate_size": 352,
+          "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2,
+          "max_position_embeddings": 128, "tie_word_embeddings": True}
 SIZES: dict[str, tuple[ModelConfig, int]] = {
     "reference": (ModelConfig(), 600),
     "large": (ModelConfig(n_embd=256, n_layer=4, n_head=8), 200),
+    "llama": (ModelConfig(family="llama", config=INLINE_PREFIX + json.dumps(_LLAMA, sort_keys=True, separators=(",", ":"))),
+              600),
 }
-"""Reference model sizes and their default global steps: the demo's 0.45M-parameter GPT-2, and a
-3.3M-parameter one (fewer steps) where payloads, not the swarm's fixed overhead, set the bytes."""
+"""Reference model sizes and their default global steps: the demo's 0.45M-parameter GPT-2, a
+3.3M-parameter one (fewer steps) where payloads, not the swarm's fixed overhead, set the bytes,
+and a 0.40M-parameter Llama (RMSNorm, rotary positions, SwiGLU, grouped-query attention) on the
+same bytes, its config inline."""
 
 
 def reference_task(size: str = "reference", *, steps: int | None = None, **changes: Any) -> TaskSpec:

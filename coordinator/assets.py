@@ -96,7 +96,7 @@ def check_blobs(config: RunConfig, store: BlobStore, coordinator_key: str) -> No
 
 def model_config_json(config: RunConfig, store: BlobStore) -> bytes | None:
     """The transformers config bytes a resolved ``config`` names (None for the built-in GPT-2)."""
-    if not config.model.config:
+    if not is_blob_ref(config.model.config):
         return None
     return store.read(blob_digest(config.model.config), "the model config")
 

@@ -238,7 +238,8 @@ def verify_export(entries: list[LedgerEntry], folder: str | os.PathLike[str]) ->
     weights = folder / "model.safetensors"
     if not weights.is_file():
         raise InputError(f"export {folder} has no model.safetensors")
-    root = hash_safetensors_file(weights).root
+    measured = hash_safetensors_file(weights)
+    root = measured.root
     claimed = None
     record_path = folder / "barnraise.json"
     if record_path.is_file():
@@ -252,8 +253,12 @@ def verify_export(entries: list[LedgerEntry], folder: str | os.PathLike[str]) ->
             raise HashMismatch(f"export {folder}: barnraise.json names entry {claimed!r}, which the ledger does not hold")
         entry = entries[claimed]
         if entry.checkpoint_root != root:
-            raise HashMismatch(f"export {folder}: its weights hash to root {root[:16]}, ledger entry {entry.seq} "
-                               f"signed root {entry.checkpoint_root[:16]}")
+            recorded = next((r.tensors for r in entry.files if r.root == entry.checkpoint_root), None)
+            where = f"export {folder}: its weights hash to root {root[:16]}, ledger entry {entry.seq} signed root " \
+                    f"{entry.checkpoint_root[:16]}"
+            if recorded is not None:
+                _compare_tensors(recorded, measured.tensors, where)  # names the first tensor that differs
+            raise HashMismatch(where)
         return entry
     for entry in reversed(entries):
         if entry.checkpoint_root == root:

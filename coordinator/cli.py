@@ -7,7 +7,6 @@ import argparse
 import sys
 from pathlib import Path
 
-from coordinator.service import CoordinatorOptions, serve
 from peer.lifeline import bind_children_to_this_process
 from protocol.cli import OneLineParser, run_command
 
@@ -53,6 +52,8 @@ def _export(args: argparse.Namespace) -> int:
 
 
 def _launch(args: argparse.Namespace) -> int:
+    from coordinator.service import CoordinatorOptions, serve  # here: --help and argument errors answer at once
+
     options = CoordinatorOptions(
         run_config=args.run_config, workdir=args.workdir, host=args.host, http_port=args.http_port,
         start_in=max(0.0, args.start_in),

@@ -18,6 +18,7 @@ import urllib.request
 from pathlib import Path
 
 from coordinator.children import Child
+from protocol.errors import BarnraiseError
 
 __all__ = ["main", "DEMO_RUN"]
 
@@ -90,6 +91,16 @@ def _train(url: str, peers: list[Child], minutes: float) -> None:
         time.sleep(2.0)
 
 
+def _peer_id(folder: Path) -> str:
+    """The id the peer's own lines show (``[peer 1a2b3c4d]``): its key id, first 8 hex digits."""
+    from protocol.signing import SigningKey, key_id
+
+    try:
+        return key_id(SigningKey.from_pem((folder / "peer.key").read_bytes()).public_key_hex)[:8]
+    except (OSError, ValueError, BarnraiseError):
+        return "no key"
+
+
 def _round_summary(workdir: Path, peers: int) -> list[str]:
     lines = []
     for index in range(1, peers + 1):
@@ -98,7 +109,7 @@ def _round_summary(workdir: Path, peers: int) -> list[str]:
         full = sum(1 for r in rounds if r["failure"] is None and r["contributors"] >= peers)
         partial = sum(1 for r in rounds if r["failure"] is None and r["contributors"] < peers)
         out = sum(1 for r in rounds if r["failure"] is not None)
-        lines.append(f"peer-{index}: {len(rounds)} rounds: {full} with all {peers} contributions, {partial} with fewer,"
+        lines.append(f"peer-{index} ({_peer_id(workdir / f'peer-{index}')}): {len(rounds)} rounds: {full} with all {peers} contributions, {partial} with fewer,"
                      f" {out} out of step")
     return lines
 

@@ -31,8 +31,9 @@ from peer.model import transformers_config
 from protocol.data_index import SignedDataIndex
 from protocol.errors import HashMismatch, InputError
 from protocol.ledger import checkpoint_dir_name, entries_from_jsonl, verify_chain
-from protocol.manifest import RunManifest, SignedManifest, blob_digest
+from protocol.manifest import RunManifest, SignedManifest, blob_digest, is_blob_ref
 from protocol.records import LedgerEntry
+from protocol.signing import key_id
 
 __all__ = ["ExportSummary", "export_checkpoint", "byte_tokenizer_json", "EXPORT_RECORD"]
 
@@ -137,7 +138,7 @@ trained together by the volunteers of a Barnraise run.
 | checkpoint root | `{entry.checkpoint_root}` |
 | held-out loss | {'not finite' if loss is None else f'{loss:.4f} {unit}'} |
 | contributors | {len(entry.contributors)} volunteers' keys credited, {entry.total_samples:,} training samples |
-| coordinator key | `{manifest.coordinator_key}` |
+| coordinator key | `{manifest.coordinator_key}` (key id `{key_id(manifest.coordinator_key)}`, as `barnraise-audit` prints it) |
 
 ## Load it
 
@@ -171,7 +172,7 @@ def export_checkpoint(workdir: Path, out: Path, round: int | None = None) -> Exp
     verify_checkpoint_files(entry, checkpoints)
     blobs = BlobStore(workdir / "blobs")
     model = manifest.config.model
-    config_json = blobs.read(blob_digest(model.config), "the model config") if model.config else None
+    config_json = blobs.read(blob_digest(model.config), "the model config") if is_blob_ref(model.config) else None
     hf_config = transformers_config(model, config_json)
     tensors = load_file(str(checkpoints / checkpoint_dir_name(entry) / "model.safetensors"))
     context = next((getattr(hf_config, k) for k in ("max_position_embeddings", "n_positions") if hasattr(hf_config, k)),
@@ -202,6 +203,8 @@ def export_checkpoint(workdir: Path, out: Path, round: int | None = None) -> Exp
         (partial / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n")
         if hash_safetensors_file(partial / "model.safetensors").root != entry.checkpoint_root:
             raise HashMismatch(f"the exported weights do not hash to ledger entry {entry.seq}'s root")
+        for written in partial.iterdir():  # safetensors writes 0600; a model folder is for sharing
+            written.chmod(0o644)
         if out.exists():
             out.rmdir()
         os.replace(partial, out)

@@ -21,6 +21,7 @@ tokenized once, at the first launch.
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +104,21 @@ def prepare_run(config: RunConfig, workdir: Path, start_in: float = 0.0, base: P
     """Create or resume the run in ``workdir``; on return the ledger holds at least genesis. A new
     run's round 0 opens ``start_in`` seconds from now (its manifest's ``created_at``). ``base`` is
     the folder RUN.toml's relative paths start from (default: the current folder)."""
+    if not (workdir / "manifest.msgpack").exists():
+        before = set(workdir.iterdir()) if workdir.is_dir() else None
+        try:
+            return _prepare(config, workdir, start_in, base, on_line)
+        except BaseException:  # a launch that failed leaves the folder as it found it (no orphan key)
+            if before is None:
+                shutil.rmtree(workdir, ignore_errors=True)
+            else:
+                for made in set(workdir.iterdir()) - before:
+                    shutil.rmtree(made) if made.is_dir() else made.unlink(missing_ok=True)
+            raise
+    return _prepare(config, workdir, start_in, base, on_line)
+
+
+def _prepare(config: RunConfig, workdir: Path, start_in: float, base: Path | None, on_line) -> LaunchedRun:
     workdir.mkdir(parents=True, exist_ok=True)
     key = load_or_create_key(workdir / "coordinator.key")
     manifest_path = workdir / "manifest.msgpack"

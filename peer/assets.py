@@ -19,7 +19,7 @@ from peer.coordinator_client import CoordinatorClient
 from peer.data import Corpus, ShardCorpus, load_corpus
 from protocol.data_index import INDEX_MAX_BYTES, SignedDataIndex
 from protocol.errors import InputError
-from protocol.manifest import RunManifest, blob_digest
+from protocol.manifest import RunManifest, blob_digest, is_blob_ref
 
 __all__ = ["RunAssets", "open_assets", "coordinator_source", "CONFIG_MAX_BYTES", "TOKENIZER_MAX_BYTES"]
 
@@ -48,11 +48,11 @@ def coordinator_source(client: CoordinatorClient) -> BlobSource:
 def open_assets(manifest: RunManifest, folder: Path, sources: Sequence[tuple[str, BlobSource]]) -> RunAssets:
     """Fetch (or find in ``folder``) and check the config, tokenizer and data index the manifest names."""
     model, data = manifest.config.model, manifest.config.data
-    if not model.config and data.corpus == "python-stdlib":
+    if not is_blob_ref(model.config) and data.corpus == "python-stdlib":  # an inline config is in the manifest
         return RunAssets(None, load_corpus(data), None)
     cache = BlobCache(folder, sources)
     config_json = None
-    if model.config:
+    if is_blob_ref(model.config):
         config_json = cache.read(blob_digest(model.config), "the model config")
         if len(config_json) > CONFIG_MAX_BYTES:
             raise InputError(f"the model config is larger than {CONFIG_MAX_BYTES} bytes")

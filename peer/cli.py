@@ -7,7 +7,6 @@ import sys
 from pathlib import Path
 
 from peer.lifeline import bind_children_to_this_process
-from peer.runner import PeerOptions, run_peer
 from protocol.cli import OneLineParser, run_command
 from protocol.signing import public_key_from_pem
 
@@ -74,6 +73,8 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _join(args: argparse.Namespace) -> int:
+    from peer.runner import PeerOptions, run_peer  # here: --help and argument errors answer at once
+
     options = PeerOptions(
         coordinator_url=args.coordinator,
         initial_peers=tuple(args.initial_peers or ()),

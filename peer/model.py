@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 
 from protocol.errors import ConfigError, HashMismatch, InputError
-from protocol.manifest import ModelConfig
+from protocol.manifest import INLINE_PREFIX, ModelConfig
 
 __all__ = [
     "BYTES_PER_PARAMETER", "transformers_config", "build_model", "count_parameters", "check_memory",
@@ -54,6 +54,8 @@ def transformers_config(model: ModelConfig, config_json: bytes | None = None) ->
             bos_token_id=0,  # byte-level vocabulary: GPT-2's default ids (50256) do not exist here
             eos_token_id=0,
         )
+    if config_json is None and model.config.startswith(INLINE_PREFIX):
+        config_json = model.config[len(INLINE_PREFIX):].encode()
     if config_json is None:
         raise InputError("the run's model config file is needed to build its model")
     try:

@@ -71,7 +71,9 @@ class ModelConfig:
     """The transformers ``model_type`` (llama, qwen2, mistral, gpt2, ...); must equal the config's."""
     config: str = ""
     """A transformers config: a path relative to RUN.toml's folder (RUN.toml), or ``sha256:<hex>``
-    (the manifest); empty for the built-in GPT-2 of the five numbers below."""
+    (the manifest a coordinator launches); ``json:<canonical JSON>`` is the config inline (RUN.toml's
+    ``[model.config]`` table, and benchmarks' in-process runs); empty for the built-in GPT-2 of
+    the five numbers below."""
     init: str = ""
     """Optional starting weights (safetensors, names as ``named_parameters``): a path (RUN.toml), or
     ``sha256:<hex>`` (the manifest); empty to initialise from ``init_seed``."""
@@ -426,14 +428,17 @@ class RunManifest:
         if not is_hex(self.genesis_root, 64):
             raise MalformedRecord("manifest: genesis_root must be 64 hex digits")
         model, data = self.config.model, self.config.data
-        for name, value, allowed in (("model.config", model.config, ""), ("model.init", model.init, ""),
-                                     ("data.tokenizer", data.tokenizer, "bytes"), ("data.index", data.index, "")):
+        for name, value, allowed in (("model.init", model.init, ""), ("data.tokenizer", data.tokenizer, "bytes"),
+                                     ("data.index", data.index, "")):
             if value != allowed and not is_blob_ref(value):
                 raise MalformedRecord(f"manifest: {name} must be {allowed!r} or sha256:<64 hex digits>, not {value!r}")
+        if model.config and not (is_blob_ref(model.config) or model.config.startswith(INLINE_PREFIX)):
+            raise MalformedRecord(f"manifest: model.config must be '', sha256:<64 hex digits> or json:<config>, "
+                                  f"not {model.config[:80]!r}")
         if data.corpus == "files" and not data.index:
             raise MalformedRecord("manifest: data.index must name the signed data index for corpus 'files'")
-        if model.config and model.parameters <= 0:
-            raise MalformedRecord("manifest: model.parameters must be positive for a model.config")
+        if is_blob_ref(model.config) and model.parameters <= 0:
+            raise MalformedRecord("manifest: model.parameters must be positive for a model.config file")
 
     def to_wire(self) -> dict[str, Any]:
         out: dict[str, Any] = {

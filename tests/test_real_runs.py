@@ -123,6 +123,18 @@ def test_the_corpus_becomes_the_same_shards_every_time_and_the_index_is_signed(t
     assert bytes_index.vocab_size == 256 and bytes_index.separator == -1
 
 
+def test_a_launch_that_fails_leaves_no_key_or_files_behind(tmp_path):
+    config = RunConfig.from_toml('[run]\nname = "x"\n[data]\nfiles = ["missing/*.txt"]\n')
+    with pytest.raises(ConfigError, match="matches no file"):
+        prepare_run(config, tmp_path / "fresh", base=tmp_path)
+    assert not (tmp_path / "fresh").exists()
+    (tmp_path / "kept").mkdir()
+    (tmp_path / "kept" / "notes.txt").write_text("mine")
+    with pytest.raises(ConfigError, match="matches no file"):
+        prepare_run(config, tmp_path / "kept", base=tmp_path)
+    assert [p.name for p in (tmp_path / "kept").iterdir()] == ["notes.txt"]
+
+
 def test_a_glob_that_matches_nothing_and_a_file_without_the_text_field_are_named(tmp_path):
     tokenizer = byte_tokenizer()
     with pytest.raises(ConfigError, match="'nothing/\\*.jsonl' matches no file"):
@@ -345,6 +357,8 @@ def test_export_loads_with_from_pretrained_generates_and_its_root_is_the_ledgers
     assert audit_main(args) == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "audit failed: export" in err[0] and "ledger entry 0 signed root" in err[0]
+    assert f"tensor {name}: digest does not match the ledger" in err[0]
+    assert oct((out / "config.json").stat().st_mode & 0o777) == oct(0o644)
     with pytest.raises(InputError, match="not an empty folder"):
         export_checkpoint(root / "coord", out)
     with pytest.raises(InputError, match="no checkpoint of round 99"):
