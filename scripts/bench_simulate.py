@@ -5,7 +5,7 @@
     python scripts/bench_simulate.py --check                        # swarm vs simulator, default recipe
     python scripts/bench_simulate.py --quick                        # smoke test, under 2 minutes
 
-Every recipe is simulated on the same task (bench/task.py; ``--size large`` for 3.3M parameters),
+Every recipe is simulated on the same task (bench/task.py; ``--size large`` for 3.3M parameters, ``--size llama`` for a Llama),
 with the "alone" control beside it, ``--workers`` at a time. Prints a Markdown table and one JSON
 line ``{"bench": "simulate", ...}``; ``--check`` prints the swarm's and the simulator's held-out
 loss and exits 1 when they differ by more than 1%.
