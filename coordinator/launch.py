@@ -58,21 +58,29 @@ class LaunchedRun:
 
 def config_difference(old: RunConfig, new: RunConfig) -> str | None:
     """The first field (``section.key``) whose value differs, or None; a field launch fills in
-    from a file (``coordinator.assets.RESOLVED_FIELDS``) counts only when both are filled in."""
+    from a file (``coordinator.assets.RESOLVED_FIELDS``) is compared only when neither side still
+    holds what RUN.toml wrote (a path), so removing ``init`` or going back to ``bytes`` counts."""
     if old.name != new.name:
         return "run.name"
     for section in ("model", "data", "training", "averaging", "checkpoints"):
         for field in dataclasses.fields(getattr(old, section)):
             before, after = getattr(getattr(old, section), field.name), getattr(getattr(new, section), field.name)
-            if (section, field.name) in RESOLVED_FIELDS and not (_filled(before) and _filled(after)):
+            unfilled = _unfilled(section, field.name, before) or _unfilled(section, field.name, after)
+            if (section, field.name) in RESOLVED_FIELDS and unfilled:
                 continue
             if before != after:
                 return f"{section}.{field.name}"
     return None
 
 
-def _filled(value: object) -> bool:
-    return isinstance(value, int) and value > 0 or is_blob_ref(value)
+def _unfilled(section: str, name: str, value: object) -> bool:
+    """A value as RUN.toml gives it before launch fills it in: a path or inline table (a file
+    field), no parameter count, no data index. ``""`` and ``"bytes"`` are final as they are."""
+    if name == "parameters":
+        return value == 0
+    if name == "index":
+        return value == ""
+    return isinstance(value, str) and value not in ("", "bytes") and not is_blob_ref(value)
 
 
 def _load_manifest(path: Path, key: SigningKey) -> SignedManifest:

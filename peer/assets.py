@@ -62,8 +62,9 @@ def open_assets(manifest: RunManifest, folder: Path, sources: Sequence[tuple[str
     if len(raw) > INDEX_MAX_BYTES:
         raise InputError(f"the data index is larger than {INDEX_MAX_BYTES} bytes")
     index = SignedDataIndex.from_bytes(raw).verify(manifest.coordinator_key)
+    wanted = "bytes" if data.tokenizer == "bytes" else blob_digest(data.tokenizer)
+    if index.tokenizer != wanted:
+        raise InputError("the data index was made with another tokenizer than the manifest names")
     if data.tokenizer != "bytes":
-        if index.tokenizer != blob_digest(data.tokenizer):
-            raise InputError("the data index was made with another tokenizer than the manifest names")
         cache.fetch(index.tokenizer, -1, "the tokenizer")
     return RunAssets(config_json, ShardCorpus(index, cache, data), cache)

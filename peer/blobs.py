@@ -111,7 +111,10 @@ class BlobCache(BlobStore):
                 source(sha256, size, partial)
                 with partial.open("rb") as stream:
                     got = sha256_stream(stream)
-                if got == sha256 and (size < 0 or partial.stat().st_size == size):
+                if size >= 0 and (got_size := partial.stat().st_size) != size:  # cut short: try the next source
+                    failures.append(f"{name}: {got_size} of {size} bytes arrived")
+                    continue
+                if got == sha256:
                     os.replace(partial, target)
                     return target
                 mismatch = mismatch or f"{what} from {name} hashes to {got[:16]}, the run names {sha256[:16]}: refused"

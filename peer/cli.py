@@ -35,7 +35,7 @@ def _parser() -> OneLineParser:
                       help="on leaving, write the consensus model's parameters to FILE (safetensors)")
     join.add_argument("--max-memory", type=_size, metavar="SIZE",
                       help="memory this peer may use for the model, e.g. 6G or 512M (default: what the machine has)")
-    join.add_argument("--micro-batch", type=int, metavar="N",
+    join.add_argument("--micro-batch", type=_positive, metavar="N",
                       help="windows per forward pass; gradients are accumulated up to the run's batch (default: all)")
     join.add_argument("--activation-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, more compute")
@@ -51,11 +51,22 @@ def _size(text: str) -> int:
     unit = value[-1:] if value[-1:] in _UNITS and value[-1:] != "" else ""
     try:
         number = float(value[: len(value) - len(unit)])
-    except ValueError:
+        size = int(number * _UNITS[unit])
+    except (ValueError, OverflowError):
         raise argparse.ArgumentTypeError(f"{text!r} is not a size (e.g. 6G, 512M)") from None
-    if not number > 0:
-        raise argparse.ArgumentTypeError(f"{text!r} must be positive")
-    return int(number * _UNITS[unit])
+    if not 0 < size < 1 << 60:
+        raise argparse.ArgumentTypeError(f"{text!r} must be a positive size below an exabyte")
+    return size
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a whole number") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} must be at least 1")
+    return value
 
 
 def _pinned_key(value: str | None) -> str | None:

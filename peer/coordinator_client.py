@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import http.client
 import json
 import urllib.error
 import urllib.request
@@ -64,12 +65,22 @@ class CoordinatorClient:
         written = 0
         try:
             with self._open(path) as response, partial.open("wb") as out:
-                while chunk := response.read(1 << 20):
+                length = response.headers.get("Content-Length")
+                while chunk := self._read(response, path):
                     written += len(chunk)
                     if written > max_bytes:
                         raise TransportError(f"coordinator's {path} is larger than the ledger says ({max_bytes} bytes)")
                     out.write(chunk)
+            if length is not None and length.isdigit() and written != int(length):
+                # the connection closed early: read() returns b"" rather than raising
+                raise TransportError(f"coordinator's {path} was cut short ({written} of {length} bytes)")
         except BaseException:
             partial.unlink(missing_ok=True)
             raise
         partial.replace(destination)
+
+    def _read(self, response, path: str) -> bytes:
+        try:
+            return response.read(1 << 20)
+        except (OSError, http.client.HTTPException) as error:
+            raise TransportError(f"downloading {path} from the coordinator at {self.url} failed: {error}") from None

@@ -117,6 +117,7 @@ class ShardCorpus:
 
     def __init__(self, index: DataIndex, cache: BlobCache, spec: DataSpec):
         self.index, self.cache, self.spec = index, cache, spec
+        self._drawn: tuple[tuple[str, int], int] | None = None
         self._loaded: OrderedDict[str, torch.Tensor] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -127,7 +128,8 @@ class ShardCorpus:
                 return hit
         raw = self.cache.read(shard.sha256, what, self.index.shard_bytes(shard))
         dtype = np.dtype(self.index.dtype).newbyteorder("<")
-        tokens = torch.from_numpy(np.frombuffer(raw, dtype=dtype).astype(np.int32))
+        wide = np.int32 if self.index.dtype == "uint16" else np.int64  # uint32 ids do not fit int32
+        tokens = torch.from_numpy(np.frombuffer(raw, dtype=dtype).astype(wide))
         if tokens.numel() != shard.tokens:
             raise InputError(f"{what} holds {tokens.numel()} tokens, the data index says {shard.tokens}")
         if tokens.numel() and int(tokens.max()) >= self.index.vocab_size:
@@ -139,7 +141,10 @@ class ShardCorpus:
         return tokens
 
     def _round_shard(self, spec: DataSpec, peer_id: str, round: int) -> tuple[int, Shard]:
-        number = round_shard(self.index, seed=spec.seed, width=spec.seq_len + 1, peer_id=peer_id, round=round)
+        if self._drawn is None or self._drawn[0] != (peer_id, round):  # once per round, not per step
+            number = round_shard(self.index, seed=spec.seed, width=spec.seq_len + 1, peer_id=peer_id, round=round)
+            self._drawn = ((peer_id, round), number)
+        number = self._drawn[1]
         return number, self.index.train[number]
 
     def batch(self, spec: DataSpec, batch_size: int, *, peer_id: str, round: int, step: int) -> torch.Tensor:

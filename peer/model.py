@@ -69,8 +69,9 @@ def transformers_config(model: ModelConfig, config_json: bytes | None = None) ->
     model_type = keys.pop("model_type", model.family)
     if model_type != model.family:
         raise ConfigError(f"model config's model_type {model_type!r} is not model.family {model.family!r}")
-    for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path"):
-        keys.pop(key, None)
+    for key in ("architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+                "attn_implementation", "_attn_implementation", "quantization_config"):
+        keys.pop(key, None)  # every peer trains the same float32 weights with torch's own attention
     try:
         config = AutoConfig.for_model(model_type, **keys)
     except (ValueError, TypeError, KeyError) as error:
@@ -82,10 +83,14 @@ def transformers_config(model: ModelConfig, config_json: bytes | None = None) ->
 
 def _instantiate(config: PretrainedConfig) -> PreTrainedModel:
     try:
-        return AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        model = AutoModelForCausalLM.from_config(config)  # float32: torch's default, no dtype in the config
     except ValueError as error:
         raise ConfigError(f"transformers has no causal LM for model family {config.model_type!r}: "
                           f"{str(error).splitlines()[0][:200]}") from None
+    except (ImportError, TypeError) as error:
+        raise ConfigError(f"transformers cannot build model family {config.model_type!r}: "
+                          f"{' '.join(str(error).split())[:200]}") from None
+    return model if all(p.dtype == torch.float32 for p in model.parameters()) else model.float()
 
 
 def build_model(model: ModelConfig, config_json: bytes | None = None) -> PreTrainedModel:

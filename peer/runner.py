@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import random
 import signal
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -39,7 +40,14 @@ from peer.swarm import SwarmNode
 from peer.trainer import Trainer
 from peer.workdir import load_or_create_key, write_atomic
 from protocol.codecs import parse_codec, payload_size
-from protocol.errors import BarnraiseError, DeadlineExceeded, MalformedRecord, TransportError, VerificationError
+from protocol.errors import (
+    BarnraiseError,
+    DeadlineExceeded,
+    HashMismatch,
+    MalformedRecord,
+    TransportError,
+    VerificationError,
+)
 from protocol.manifest import SignedManifest
 from protocol.records import PeerProgress
 from protocol.signing import key_id
@@ -185,6 +193,7 @@ class PeerProcess:
         """A blob source: the live peers of the run, asked in turn (their records name their libp2p ids)."""
         own = self.node.p2p_id
         holders = [r.p2p_id for r in read_progress(self.node, self.run_id).alive() if r.p2p_id != own]
+        random.shuffle(holders)  # peers do not all queue at the same holder
         if not holders:
             raise TransportError("no live peer found to ask")
         limit = size if size >= 0 else TOKENIZER_MAX_BYTES
@@ -451,11 +460,12 @@ class PeerProcess:
 
     def _data_for(self, window: int) -> bool:
         """Fetch the training shard window ``window`` draws from (nothing for the built-in corpus);
-        False, said in one line, when no source has it: the peer sits the round out."""
+        False, said in one line, when no source has it right (unreachable, cut short, or bytes that
+        do not hash to its name): the peer sits the round out and tries again next round."""
         try:
             self.corpus.prefetch(self.peer_id, window)
             return True
-        except (TransportError, DeadlineExceeded) as error:
+        except (TransportError, DeadlineExceeded, HashMismatch) as error:
             self.say(f"round {window}: no training data ({error}); sitting this round out")
             return False
 

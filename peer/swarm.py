@@ -62,6 +62,10 @@ _NOTICE_SECONDS = 5.0
 _MAX_PREFETCHES = 64
 """Fetches on notice one averager runs at once (more notices are ignored)."""
 _GIVE_UP_PASSES = 6
+_BLOB_UPLOADS = 4
+"""Blob files (shards, configs) one peer serves at once."""
+_BLOB_FLOOR_BYTES_PER_SECOND = 1_000_000
+"""A holder slower than this for a blob is left for the next one."""
 """Passes over every holder (its author first or second) before a payload counts as lost."""
 
 
@@ -96,6 +100,7 @@ class _PayloadAverager(_StateSharingAverager):
         self._payload_limit, self._handoff, self._kept = payload_limit, handoff, kept
         self._blobs = blobs
         """The peer's blob cache (model config, tokenizer, data index, shards), served by sha256."""
+        self._blob_uploads: asyncio.Semaphore | None = None
         self._store: OrderedDict[str, bytes] = OrderedDict()
         self._prefetching: set[asyncio.Task] = set()
         """Fetches started on another peer's notice (owned here, bounded by ``_MAX_PREFETCHES``)."""
@@ -144,11 +149,12 @@ class _PayloadAverager(_StateSharingAverager):
                           future: MPFuture) -> None:
         deadline = time.monotonic() + timeout
         try:
+            per_holder = _PER_HOLDER_SECONDS + limit / _BLOB_FLOOR_BYTES_PER_SECOND  # a slow holder yields to the next
             for holder in holders:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
                     break
-                body = await self._receive(holder, digest, limit, remaining)
+                body = await self._receive(holder, digest, limit, min(remaining, per_holder))
                 if body is not None and hashlib.sha256(body).hexdigest() == digest:
                     await asyncio.to_thread(Path(destination).write_bytes, body)
                     future.set_result(True)
@@ -276,14 +282,31 @@ class _PayloadAverager(_StateSharingAverager):
         public); nothing if it does not hold it."""
         digest = request.group_id.hex()
         payload = self._store.get(digest)
-        if payload is None and self._blobs is not None and len(digest) == 64:
-            path = self._blobs / digest
-            if path.is_file():
-                payload = await asyncio.to_thread(path.read_bytes)
+        if payload is None and self._blobs is not None and len(digest) == 64 and (self._blobs / digest).is_file():
+            async for chunk in self._blob_chunks(self._blobs / digest):
+                yield averaging_pb2.DownloadData(metadata=chunk)
+            return
         if payload is None:
             return
         for start in range(0, len(payload), _CHUNK_BYTES):
             yield averaging_pb2.DownloadData(metadata=payload[start : start + _CHUNK_BYTES])
+
+
+    async def _blob_chunks(self, path: Path) -> AsyncIterator[bytes]:
+        """A blob file in chunks, read one at a time; at most ``_BLOB_UPLOADS`` served at once (the
+        others wait their turn), so requests cannot make this peer hold many files in memory."""
+        if self._blob_uploads is None:  # created on the averager process's own event loop
+            self._blob_uploads = asyncio.Semaphore(_BLOB_UPLOADS)
+        async with self._blob_uploads:
+            try:
+                handle = await asyncio.to_thread(path.open, "rb")
+            except OSError:
+                return
+            try:
+                while chunk := await asyncio.to_thread(handle.read, _CHUNK_BYTES):
+                    yield chunk
+            finally:
+                handle.close()
 
 
 async def _stored_value(_dht, node, key: str):

@@ -29,6 +29,7 @@ import torch
 from peer.data import Corpus, ShardCorpus
 from peer.model import batch_loss, build_model
 from peer.state import RoundState, StateLayout, outer_step
+from protocol.errors import InputError
 from protocol.manifest import RunManifest
 
 __all__ = ["Trainer", "InnerResult"]
@@ -52,6 +53,10 @@ class Trainer:
         self.peer_id = peer_id
         self.device = torch.device(device)
         self.model = build_model(self.config.model, config_json).to(self.device)
+        rows = self.model.get_input_embeddings().num_embeddings
+        if isinstance(corpus, ShardCorpus) and corpus.index.vocab_size > rows:
+            raise InputError(f"the run's tokens go up to {corpus.index.vocab_size - 1}, beyond the model's "
+                             f"{rows} embeddings")
         if activation_checkpointing:  # transformers 5 renamed it; 4.x knows the old name only
             enable = getattr(self.model, "activation_checkpointing_enable", None) or self.model.gradient_checkpointing_enable
             enable()
@@ -128,21 +133,26 @@ class Trainer:
         """The gradient of the mean loss over ``windows`` in ``.grad`` (summed over micro-batches);
         returns the loss. On CUDA, a micro-batch that runs out of memory is halved and retried."""
         while True:
-            self.inner.zero_grad(set_to_none=True)
             try:
-                total = 0.0
-                for chunk in windows.split(self.micro_batch):
-                    with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
-                        loss = batch_loss(self.model, chunk)
-                    (loss * (chunk.size(0) / windows.size(0))).backward()
-                    total += loss.detach() * chunk.size(0)
-                return float(total) / windows.size(0)
-            except torch.OutOfMemoryError:
-                if self.micro_batch == 1:
-                    raise
-                self.micro_batch //= 2
-                self.inner.zero_grad(set_to_none=True)
-                torch.cuda.empty_cache()
+                return self._accumulate(windows)
+            except torch.cuda.OutOfMemoryError:
+                pass  # leave the handler first: its traceback holds the failed pass's activations
+            self.inner.zero_grad(set_to_none=True)
+            torch.cuda.empty_cache()
+            if self.micro_batch == 1:
+                raise InputError("one window does not fit in GPU memory: try --activation-checkpointing, or a GPU "
+                                 "with more memory")
+            self.micro_batch //= 2
+
+    def _accumulate(self, windows: torch.Tensor) -> float:
+        self.inner.zero_grad(set_to_none=True)
+        total = 0.0
+        for chunk in windows.split(self.micro_batch):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.autocast):
+                loss = batch_loss(self.model, chunk)
+            (loss * (chunk.size(0) / windows.size(0))).backward()
+            total += loss.detach() * chunk.size(0)
+        return float(total) / windows.size(0)
 
     def outer_gradient(self) -> torch.Tensor:
         """Δ = x_r − x' (flat float32, CPU)."""

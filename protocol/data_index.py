@@ -8,12 +8,15 @@ holds the manifest can check every byte it trains on.
 
 Which windows a peer trains on is a pure function of the manifest, the index, the peer's id and
 the round (``round_shard``, ``window_starts``): one shard per (peer, round), drawn with odds in
-proportion to its window starts, then ``batch_size`` window starts in it per inner step. Anyone
+proportion to its window starts, then ``batch_size`` window starts in it per inner step. Every
+draw is an integer from sha256 (no floating point, no torch generator), so it is the same on
+every machine and every torch build. Anyone
 can recompute what a peer trained on, and a peer downloads only the shards of its own rounds.
 """
 
 from __future__ import annotations
 
+import bisect
 import hashlib
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -151,28 +154,36 @@ class SignedDataIndex:
                    signature=mapping["signature"])
 
 
-def _seed(*parts: object) -> int:
-    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:8], "little") & (2**63 - 1)
+def _draw(below: int, *parts: object) -> int:
+    """An integer in [0, below) from sha256(repr(parts)): the same on every machine, torch or not
+    (128 bits reduced modulo ``below``; the bias is below 2**-64 for any count of tokens)."""
+    return int.from_bytes(hashlib.sha256(repr(parts).encode()).digest()[:16], "little") % below
 
 
 def round_shard(index: DataIndex, *, seed: int, width: int, peer_id: str, round: int) -> int:
     """The training shard peer ``peer_id`` draws round ``round``'s windows from: a shard with
     odds in proportion to its window starts (``tokens − width + 1``); shards shorter than a window
     are never drawn."""
-    starts = torch.tensor([max(0, s.tokens - width + 1) for s in index.train], dtype=torch.float64)
-    if float(starts.sum()) <= 0:
+    bounds, total = [], 0
+    for shard in index.train:
+        total += max(0, shard.tokens - width + 1)
+        bounds.append(total)
+    if total <= 0:
         raise MalformedRecord(f"data index: no training shard holds a window of {width} tokens")
-    generator = torch.Generator().manual_seed(_seed(seed, "shard", peer_id, round))
-    return int(torch.multinomial(starts, 1, generator=generator).item())
+    return bisect.bisect_right(bounds, _draw(total, seed, "shard", peer_id, round))
 
 
 def window_starts(tokens: int, *, seed: int, width: int, batch_size: int, peer_id: str, round: int,
                   step: int) -> torch.Tensor:
     """[batch_size] int64 starts of the windows of inner step ``step`` in a shard of ``tokens`` tokens."""
-    generator = torch.Generator().manual_seed(_seed(seed, peer_id, round, step))
-    return torch.randint(0, tokens - width + 1, (batch_size,), generator=generator)
+    count = tokens - width + 1
+    return torch.tensor([_draw(count, seed, peer_id, round, step, k) for k in range(batch_size)], dtype=torch.int64)
 
 
 def heldout_starts(total: int, *, width: int, count: int) -> torch.Tensor:
-    """[count] evenly spaced window starts over ``total`` held-out tokens (fixed)."""
-    return torch.linspace(0, total - width, count).long()
+    """[count] evenly spaced window starts over ``total`` held-out tokens (fixed; integer arithmetic,
+    so the last window ends exactly at the last token however large ``total`` is)."""
+    last = total - width
+    if count == 1:
+        return torch.zeros(1, dtype=torch.int64)
+    return torch.tensor([i * last // (count - 1) for i in range(count)], dtype=torch.int64)

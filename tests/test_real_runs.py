@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import hashlib
 import json
 import os
 import subprocess
@@ -408,3 +409,59 @@ def test_init_weights_become_genesis_and_a_misfit_is_refused(tmp_path):
     save_file(tensors, str(tmp_path / "run" / "start" / "w.safetensors"))
     with pytest.raises(InputError, match=f"model.init does not fit model.config: .*{first}"):
         prepare_run(RunConfig.from_toml(text), tmp_path / "coord2", base=tmp_path / "run")
+
+
+def test_what_a_peer_trains_on_is_pinned_to_integers_from_sha256():
+    """Golden values: the draw uses no float and no torch generator, so any machine recomputes it."""
+    from protocol.data_index import Shard, heldout_starts, window_starts
+
+    index = DataIndex(tokenizer="bytes", vocab_size=256, dtype="uint16", separator=-1,
+                      train=(Shard("a" * 64, 1000), Shard("b" * 64, 50), Shard("c" * 64, 5000)),
+                      heldout=(Shard("d" * 64, 300),))
+    assert [round_shard(index, seed=0, width=65, peer_id="p", round=r) for r in range(12)] == \
+        [0, 2, 2, 0, 2, 0, 2, 2, 2, 2, 2, 2]
+    assert window_starts(5000, seed=0, width=65, batch_size=4, peer_id="p", round=3, step=1).tolist() == \
+        [3071, 4480, 3534, 799]
+    # shard 1 (50 tokens) is shorter than a window: never drawn
+    assert 1 not in {round_shard(index, seed=0, width=65, peer_id=f"p{k}", round=0) for k in range(300)}
+    # the last held-out window ends at the last token, even past float32's exact integers
+    total = 2**25 + 132
+    assert heldout_starts(total, width=65, count=3).tolist() == [0, (total - 65) // 2, total - 65]
+
+
+def test_a_download_cut_short_is_a_transport_failure_not_a_tampered_file(tmp_path):
+    """The coordinator restarting mid-download: fewer bytes than Content-Length. The peer tries its
+    next source and, with none, sits the round out (TransportError), instead of calling it tampered."""
+    import http.server
+
+    from peer.blobs import BlobCache
+    from protocol.errors import TransportError
+
+    body = bytes(range(256)) * 8
+
+    class Short(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 (http.server's name)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body[: len(body) // 2])  # then the connection closes
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Short)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        client = CoordinatorClient(f"http://127.0.0.1:{server.server_address[1]}")
+        with pytest.raises(TransportError, match="cut short"):
+            client.download("/blobs/x", tmp_path / "x", len(body))
+        assert not list(tmp_path.iterdir())  # nothing half-written is left
+        digest = hashlib.sha256(body).hexdigest()
+        cache = BlobCache(tmp_path / "cache", [("the coordinator", coordinator_source(client))])
+        with pytest.raises(TransportError, match="cut short"):
+            cache.fetch(digest, len(body), "training shard 0")
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(timeout=10)

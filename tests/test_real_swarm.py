@@ -11,8 +11,10 @@ import pytest
 from conftest import Processes, close_or_fail, endpoint, http_get, read_rounds, wait_for_line, wait_until
 from tinyrun import make_run
 
+from protocol.data_index import SignedDataIndex, round_shard
 from protocol.ledger import entries_from_jsonl
 from protocol.manifest import SignedManifest, blob_digest
+from protocol.signing import SigningKey, key_id
 
 pytestmark = pytest.mark.swarm
 
@@ -43,9 +45,18 @@ def test_a_tiny_real_model_trains_in_a_swarm(tmp_path, family):
             for r in log:
                 roots.setdefault(r["state_round"], set()).add(r["state_root"])
         assert all(len(found) == 1 for found in roots.values()), f"the consensus forked: {roots}"
-        for i in (1, 2):  # each peer fetched only the shards its own rounds drew
-            cached = {p.name for p in (tmp_path / f"p{i}" / "blobs").iterdir() if not p.name.startswith(".")}
+        index = SignedDataIndex.from_bytes(http_get(f"{url}/blobs/{blob_digest(manifest.config.data.index)}")).verify(
+            manifest.coordinator_key)
+        for i in (1, 2):  # each peer fetched the run's files and only the shards its own rounds drew
+            folder = tmp_path / f"p{i}"
+            peer_id = key_id(SigningKey.from_pem((folder / "peer.key").read_bytes()).public_key_hex)
+            cached = {p.name for p in (folder / "blobs").iterdir() if not p.name.startswith(".")}
             assert blob_digest(manifest.config.data.index) in cached
+            drawn = {index.train[round_shard(index, seed=0, width=65, peer_id=peer_id, round=r["round"])].sha256
+                     for r in logs[i - 1] if r["samples"] > 0}
+            shards = cached & {s.sha256 for s in index.train}
+            # the rounds logged, plus at most the windows in flight when we looked
+            assert drawn and drawn <= shards and len(shards - drawn) <= 2, (sorted(drawn), sorted(shards))
         if family == "llama":
             _join_by_multiaddrs_with_the_coordinator_down(processes, coordinator, url, tmp_path)
         codes = processes.stop(*[c for c in processes.children if c.running], grace=60)
