@@ -35,14 +35,29 @@ import json, os
 
 def tree(pid):
     found = []
-    for task in os.listdir(f"/proc/{pid}/task"):
-        with open(f"/proc/{pid}/task/{task}/children") as listing:
-            for child in map(int, listing.read().split()):
-                found += [child, *tree(child)]
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except FileNotFoundError:
+        return found
+    for task in tasks:
+        try:  # a thread (a task) may end between the listing and the read
+            with open(f"/proc/{pid}/task/{task}/children") as listing:
+                children = listing.read().split()
+        except FileNotFoundError:
+            continue
+        for child in map(int, children):
+            found += [child, *tree(child)]
     return found
 
 def report(**extra):
-    pids = tree(os.getpid())
+    import time
+    pids = sorted(tree(os.getpid()))
+    for _ in range(100):  # until two reads agree: an ended thread's children move to another thread
+        time.sleep(0.05)
+        again = sorted(tree(os.getpid()))
+        if again == pids:
+            break
+        pids = again
     names = {pid: open(f"/proc/{pid}/comm").read().strip() for pid in pids}
     print(json.dumps({"ready": [[pid, names[pid]] for pid in pids], **extra}), flush=True)
 """

@@ -47,7 +47,7 @@ def test_a_tiny_real_model_trains_in_a_swarm(tmp_path, family):
         assert all(len(found) == 1 for found in roots.values()), f"the consensus forked: {roots}"
         index = SignedDataIndex.from_bytes(http_get(f"{url}/blobs/{blob_digest(manifest.config.data.index)}")).verify(
             manifest.coordinator_key)
-        for i in (1, 2):  # each peer fetched the run's files and only the shards its own rounds drew
+        for i in (1, 2):  # each peer fetched the run's files and the shard each of its rounds drew
             folder = tmp_path / f"p{i}"
             peer_id = key_id(SigningKey.from_pem((folder / "peer.key").read_bytes()).public_key_hex)
             cached = {p.name for p in (folder / "blobs").iterdir() if not p.name.startswith(".")}
@@ -55,8 +55,9 @@ def test_a_tiny_real_model_trains_in_a_swarm(tmp_path, family):
             drawn = {index.train[round_shard(index, seed=0, width=65, peer_id=peer_id, round=r["round"])].sha256
                      for r in logs[i - 1] if r["samples"] > 0}
             shards = cached & {s.sha256 for s in index.train}
-            # the rounds logged, plus at most the windows in flight when we looked
-            assert drawn and drawn <= shards and len(shards - drawn) <= 2, (sorted(drawn), sorted(shards))
+            # (windows it fetched for but did not log, e.g. one in flight or one it caught up past, add to
+            # these; that a peer fetches nothing else is test_real_runs' test of the cache)
+            assert drawn and drawn <= shards, (sorted(drawn), sorted(shards))
         if family == "llama":
             _join_by_multiaddrs_with_the_coordinator_down(processes, coordinator, url, tmp_path)
         codes = processes.stop(*[c for c in processes.children if c.running], grace=60)
