@@ -25,7 +25,7 @@ from protocol.errors import ConfigError
 from protocol.manifest import INLINE_PREFIX, SHA256_PREFIX, RunConfig, blob_digest, is_blob_ref
 from protocol.signing import SigningKey
 
-__all__ = ["resolve_run", "RESOLVED_FIELDS", "check_blobs", "model_config_json", "describe"]
+__all__ = ["resolve_run", "RESOLVED_FIELDS", "check_blobs"]
 
 RESOLVED_FIELDS = {("model", "config"), ("model", "init"), ("model", "parameters"), ("data", "tokenizer"),
                    ("data", "index")}
@@ -70,18 +70,21 @@ def resolve_run(config: RunConfig, base: Path, store: BlobStore, key: SigningKey
             data = dataclasses.replace(data, tokenizer=SHA256_PREFIX + tokenizer_sha)
         if tokenizer[1] > hf.vocab_size:
             raise ConfigError(f"data.tokenizer has {tokenizer[1]} tokens, more than the model's vocab_size {hf.vocab_size}")
-        if data_index is None:
+        built = data_index is None
+        if built:
             index = build_shards(data, base, store, tokenizer, tokenizer_sha, on_line)
             data_index = SHA256_PREFIX + store.put_bytes(index.sign(key).to_bytes())
         data = dataclasses.replace(data, index=data_index)
     resolved = dataclasses.replace(config, model=model, data=data)
-    check_blobs(resolved, store, key.public_key_hex)
+    # shards just built were written from the bytes they were hashed from: only a relaunch re-reads them
+    check_blobs(resolved, store, key.public_key_hex, shards=data.corpus == "files" and not built)
     return resolved
 
 
-def check_blobs(config: RunConfig, store: BlobStore, coordinator_key: str) -> None:
-    """Re-hash every file the resolved ``config`` names (config, init, tokenizer, index, shards):
-    ``HashMismatch`` or ``InputError`` names the first one missing or changed."""
+def check_blobs(config: RunConfig, store: BlobStore, coordinator_key: str, *, shards: bool = True) -> None:
+    """Re-hash every file the resolved ``config`` names (config, init, tokenizer, index, and the
+    shards unless ``shards`` is False): ``HashMismatch`` or ``InputError`` names the first one
+    missing or changed."""
     model, data = config.model, config.data
     for value, what in ((model.config, "the model config"), (model.init, "the init weights"),
                         (data.tokenizer, "the tokenizer")):
@@ -89,22 +92,6 @@ def check_blobs(config: RunConfig, store: BlobStore, coordinator_key: str) -> No
             store.verify(blob_digest(value), what)
     if is_blob_ref(data.index):
         index = SignedDataIndex.from_bytes(store.read(blob_digest(data.index), "the data index")).verify(coordinator_key)
-        for split in ("train", "heldout"):
+        for split in ("train", "heldout") if shards else ():
             for number, shard in enumerate(getattr(index, split)):
                 store.verify(shard.sha256, f"{split} shard {number}")
-
-
-def model_config_json(config: RunConfig, store: BlobStore) -> bytes | None:
-    """The transformers config bytes a resolved ``config`` names (None for the built-in GPT-2)."""
-    if not is_blob_ref(config.model.config):
-        return None
-    return store.read(blob_digest(config.model.config), "the model config")
-
-
-def describe(config: RunConfig) -> str:
-    """One line: the model's family and size, and the corpus."""
-    data = config.data
-    corpus = "the Python standard library (bytes)" if data.corpus == "python-stdlib" else (
-        f"{len(data.files)} file globs, tokenizer {data.tokenizer if data.tokenizer == 'bytes' else data.tokenizer[7:23]}")
-    return f"model {config.model.family} with {config.model.parameters:,} parameters; data {corpus}"
-

@@ -26,20 +26,19 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.assets import RESOLVED_FIELDS, model_config_json, resolve_run
+from coordinator.assets import RESOLVED_FIELDS, resolve_run
 from coordinator.checkpoints import CheckpointWriter
 from coordinator.ledger_store import LedgerStore
-from peer.blobs import BlobCache, BlobStore
-from peer.data import Corpus, ShardCorpus, load_corpus
+from peer.assets import open_assets
+from peer.blobs import BlobStore
 from peer.workdir import load_or_create_key, write_atomic
-from protocol.data_index import SignedDataIndex
 from protocol.errors import ConfigError, HashMismatch
 from protocol.hashing import checkpoint_root
 from protocol.ledger import next_entry
-from protocol.manifest import RunConfig, RunManifest, SignedManifest, blob_digest, is_blob_ref
+from protocol.manifest import RunConfig, RunManifest, SignedManifest, is_blob_ref
 from protocol.signing import SigningKey, public_key_to_pem
 
-__all__ = ["LaunchedRun", "prepare_run", "config_difference", "open_corpus"]
+__all__ = ["LaunchedRun", "prepare_run", "config_difference"]
 
 
 @dataclass
@@ -97,16 +96,6 @@ def _refuse_changes(launched: RunConfig, config: RunConfig, workdir: Path) -> No
         )
 
 
-def open_corpus(manifest: RunManifest, blobs: BlobStore) -> Corpus | ShardCorpus:
-    """The run's data as the coordinator holds it (every shard is in its own blob store)."""
-    data = manifest.config.data
-    if data.corpus == "python-stdlib":
-        return load_corpus(data)
-    raw = blobs.read(blob_digest(data.index), "the data index")
-    index = SignedDataIndex.from_bytes(raw).verify(manifest.coordinator_key)
-    return ShardCorpus(index, BlobCache(blobs.folder), data)
-
-
 def prepare_run(config: RunConfig, workdir: Path, start_in: float = 0.0, base: Path | None = None,
                 on_line=lambda line: None) -> LaunchedRun:
     """Create or resume the run in ``workdir``; on return the ledger holds at least genesis. A new
@@ -139,14 +128,14 @@ def _prepare(config: RunConfig, workdir: Path, start_in: float, base: Path | Non
         _refuse_changes(launched, config, workdir)  # RUN.toml's own values, before any file is read
         resolved = resolve_run(config, base, blobs, key, data_index=launched.data.index or None, on_line=on_line)
         _refuse_changes(launched, resolved, workdir)  # the files it names
-        writer = CheckpointWriter(workdir / "checkpoints", signed.manifest, open_corpus(signed.manifest, blobs),
-                                  model_config_json(resolved, blobs), blobs)
+        assets = open_assets(signed.manifest, blobs.folder, [])  # every file is in the run's own store
+        writer = CheckpointWriter(workdir / "checkpoints", signed.manifest, assets.corpus, assets.config_json, blobs)
     else:
         resolved = resolve_run(config, base, blobs, key, on_line=on_line)
         draft = RunManifest(config=resolved, coordinator_key=key.public_key_hex, genesis_root="0" * 64,
                             created_at=time.time() + start_in)
-        writer = CheckpointWriter(workdir / "checkpoints", draft, open_corpus(draft, blobs),
-                                  model_config_json(resolved, blobs), blobs)
+        assets = open_assets(draft, blobs.folder, [])
+        writer = CheckpointWriter(workdir / "checkpoints", draft, assets.corpus, assets.config_json, blobs)
         genesis = writer.genesis()
         root = checkpoint_root(writer.layout.views(genesis.parameters))
         signed = dataclasses.replace(draft, genesis_root=root).sign(key)

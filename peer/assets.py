@@ -29,11 +29,10 @@ TOKENIZER_MAX_BYTES = 256 * 1024 * 1024
 
 @dataclass
 class RunAssets:
-    """The run's model config bytes (None: the built-in GPT-2), its data, and the cache they came from."""
+    """The run's model config bytes (None: the built-in GPT-2, or a config inline in the manifest) and its data."""
 
     config_json: bytes | None
     corpus: Corpus | ShardCorpus
-    cache: BlobCache | None
 
 
 def coordinator_source(client: CoordinatorClient) -> BlobSource:
@@ -49,7 +48,7 @@ def open_assets(manifest: RunManifest, folder: Path, sources: Sequence[tuple[str
     """Fetch (or find in ``folder``) and check the config, tokenizer and data index the manifest names."""
     model, data = manifest.config.model, manifest.config.data
     if not is_blob_ref(model.config) and data.corpus == "python-stdlib":  # an inline config is in the manifest
-        return RunAssets(None, load_corpus(data), None)
+        return RunAssets(None, load_corpus(data))
     cache = BlobCache(folder, sources)
     config_json = None
     if is_blob_ref(model.config):
@@ -57,7 +56,7 @@ def open_assets(manifest: RunManifest, folder: Path, sources: Sequence[tuple[str
         if len(config_json) > CONFIG_MAX_BYTES:
             raise InputError(f"the model config is larger than {CONFIG_MAX_BYTES} bytes")
     if data.corpus == "python-stdlib":
-        return RunAssets(config_json, load_corpus(data), cache)
+        return RunAssets(config_json, load_corpus(data))
     raw = cache.read(blob_digest(data.index), "the data index")
     if len(raw) > INDEX_MAX_BYTES:
         raise InputError(f"the data index is larger than {INDEX_MAX_BYTES} bytes")
@@ -67,4 +66,4 @@ def open_assets(manifest: RunManifest, folder: Path, sources: Sequence[tuple[str
         raise InputError("the data index was made with another tokenizer than the manifest names")
     if data.tokenizer != "bytes":
         cache.fetch(index.tokenizer, -1, "the tokenizer")
-    return RunAssets(config_json, ShardCorpus(index, cache, data), cache)
+    return RunAssets(config_json, ShardCorpus(index, cache, data))

@@ -42,18 +42,17 @@ class BlobStore:
         return self.path(sha256).is_file()
 
     def put_bytes(self, data: bytes) -> str:
+        """Write ``data`` under its sha256 (always: a file already there may have been changed)."""
         digest = hashlib.sha256(data).hexdigest()
         target = self.path(digest)
-        if not target.is_file():
-            partial = target.with_name(f".{digest}.partial")
-            partial.write_bytes(data)
-            os.replace(partial, target)
+        partial = target.with_name(f".{digest}.partial")
+        partial.write_bytes(data)
+        os.replace(partial, target)
         return digest
 
     def put_file(self, source: Path) -> str:
         """Copy ``source`` in (streamed); returns its sha256."""
-        with source.open("rb") as stream:
-            digest = sha256_stream(stream)
+        digest = _file_sha256(source)
         target = self.path(digest)
         if not target.is_file():
             partial = target.with_name(f".{digest}.partial")
@@ -74,10 +73,8 @@ class BlobStore:
 
     def verify(self, sha256: str, what: str) -> None:
         """Check the file on disk against its name, streamed (for files larger than memory)."""
-        path = self.path(sha256)
         try:
-            with path.open("rb") as stream:
-                got = sha256_stream(stream)
+            got = _file_sha256(self.path(sha256))
         except OSError as error:
             raise InputError(f"{what} (sha256 {sha256[:16]}) is not in {self.folder}: {error.strerror}") from None
         if got != sha256:
@@ -99,9 +96,8 @@ class BlobCache(BlobStore):
         ``TransportError`` when no source could be reached."""
         target = self.path(sha256)
         if target.is_file():
-            with target.open("rb") as stream:
-                if sha256_stream(stream) == sha256:
-                    return target
+            if _file_sha256(target) == sha256:
+                return target
             target.unlink()  # changed on disk: fetched again
         mismatch: str | None = None
         failures = []
@@ -109,8 +105,7 @@ class BlobCache(BlobStore):
         for name, source in self.sources:
             try:
                 source(sha256, size, partial)
-                with partial.open("rb") as stream:
-                    got = sha256_stream(stream)
+                got = _file_sha256(partial)
                 if size >= 0 and (got_size := partial.stat().st_size) != size:  # cut short: try the next source
                     failures.append(f"{name}: {got_size} of {size} bytes arrived")
                     continue
@@ -130,5 +125,14 @@ class BlobCache(BlobStore):
         raise TransportError(f"cannot fetch {what} (sha256 {sha256[:16]}): {reasons}")
 
     def read(self, sha256: str, what: str, size: int = -1) -> bytes:  # type: ignore[override]
-        self.fetch(sha256, size, what)
-        return super().read(sha256, what)
+        """The blob's bytes, read and hashed once when this cache holds it right; else fetched first."""
+        try:
+            return super().read(sha256, what)
+        except (InputError, HashMismatch):  # missing, or changed on disk
+            self.fetch(sha256, size, what)
+            return super().read(sha256, what)
+
+
+def _file_sha256(path: Path) -> str:
+    with path.open("rb") as stream:
+        return sha256_stream(stream)
