@@ -64,6 +64,11 @@ class SwarmRunSpec:
     start_in: float = 20.0
     """Round 0 opens this long after the coordinator's launch (the peers start meanwhile)."""
     seed: int = 0
+    hostile: tuple[tuple[int, str], ...] = ()
+    """(peer index, behaviour): these peers run ``bench.hostile_peer`` with that behaviour."""
+    joiner_at: float | None = None
+    """Seconds after the start at which one more honest peer joins by multiaddrs alone (no
+    coordinator): it cannot replay from genesis, so it must load a state from the swarm."""
 
 
 @dataclass
@@ -86,11 +91,17 @@ def _endpoint(coordinator: Child, path: Path, deadline: float) -> str:
     raise RuntimeError("the coordinator did not serve within its deadline")
 
 
-def _start_peer(swarm: _Swarm, index: int, slowdown: float) -> None:
-    args = ["join", "--coordinator", swarm.url, "--workdir", str(swarm.workdir / f"peer-{index}"),
+def _start_peer(swarm: _Swarm, index: int, slowdown: float, behaviour: str | None = None,
+                bootstrap: list[str] | None = None) -> None:
+    source = ["--coordinator", swarm.url] if bootstrap is None else [a for m in bootstrap for a in ("--initial-peers", m)]
+    args = ["join", *source, "--workdir", str(swarm.workdir / f"peer-{index}"),
             "--host", "127.0.0.1", "--threads", "1", "--slowdown", f"{slowdown:.3f}"]
     log = swarm.workdir / f"peer-{index}.{sum(k['peer'] == index for k in swarm.killed)}.log"
-    swarm.peers[index] = Child(f"peer-{index}", "peer.cli", args, log, echo=False)
+    if behaviour is None:
+        swarm.peers[index] = Child(f"peer-{index}", "peer.cli", args, log, echo=False)
+    else:
+        swarm.peers[index] = Child(f"peer-{index}", "bench.hostile_peer", ["--behaviour", behaviour, *args], log,
+                                   echo=False)
 
 
 def run_swarm(spec: SwarmRunSpec, workdir: Path) -> dict[str, Any]:
@@ -109,9 +120,11 @@ def run_swarm(spec: SwarmRunSpec, workdir: Path) -> dict[str, Any]:
                                    "--http-port", "0", "--start-in", str(spec.start_in)],
                                   workdir / "coordinator.log", echo=False)
         swarm.url = _endpoint(swarm.coordinator, workdir / "coordinator" / "endpoint.json", time.monotonic() + 180)
+        hostile = dict(spec.hostile)
         for index in range(spec.peers):
-            _start_peer(swarm, index, slowdowns[index])
+            _start_peer(swarm, index, slowdowns[index], hostile.get(index))
         started = time.monotonic()
+        joiner_at = started + spec.joiner_at if spec.joiner_at is not None else float("inf")
         next_kill = started + spec.chaos_every if spec.chaos_every else float("inf")
         while time.monotonic() - started < spec.minutes * 60:
             if time.monotonic() >= next_kill:
@@ -127,8 +140,12 @@ def run_swarm(spec: SwarmRunSpec, workdir: Path) -> dict[str, Any]:
                     kill_group(victim.process.pid)
                 victim.stop(grace=1)
                 swarm.killed.append({"peer": index, "at": time.monotonic() - started})
-                _start_peer(swarm, index, slowdowns[index])
+                _start_peer(swarm, index, slowdowns[index], hostile.get(index))
                 next_kill += spec.chaos_every
+            if time.monotonic() >= joiner_at:
+                maddrs = json.loads((workdir / "coordinator" / "endpoint.json").read_text())["maddrs"]
+                _start_peer(swarm, spec.peers, 1.0, bootstrap=maddrs[:1])
+                joiner_at = float("inf")
             time.sleep(0.5)
         for peer in swarm.peers.values():
             peer.interrupt()
@@ -144,23 +161,29 @@ def run_swarm(spec: SwarmRunSpec, workdir: Path) -> dict[str, Any]:
         "--checkpoints", str(workdir / "coordinator" / "checkpoints")], workdir / "audit.log", echo=False)
     audited = audit.process.wait(timeout=600) == 0
     audit.stop(grace=1)
-    summary = analyse(workdir, spec.peers, spec.round_seconds)
+    summary = analyse(workdir, spec.peers, spec.round_seconds, skip=set(dict(spec.hostile)))
     summary.update(spec=spec.__dict__, slowdowns=slowdowns, killed=swarm.killed, exit_codes=codes,
                    audit_passed=audited, leaked=leaked)
     return summary
 
 
-def analyse(workdir: Path, peers: int, round_seconds: float) -> dict[str, Any]:
-    """What the peers' ``rounds.jsonl`` say (see the module docstring)."""
+def analyse(workdir: Path, peers: int, round_seconds: float, skip: set[int] = frozenset()) -> dict[str, Any]:
+    """What the peers' ``rounds.jsonl`` say (see the module docstring); peers in ``skip`` (hostile
+    ones) are left out."""
     roots: dict[int, set[str]] = {}
     rows = []
     logs = []
     for index in range(peers):
+        if index in skip:
+            logs.append([])
+            continue
         path = workdir / f"peer-{index}" / "rounds.jsonl"
         logs.append([json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else [])
     # the swarm is formed from the first round that took every peer's payload
     formed = min((r["round"] for log in logs for r in log if r["contributors"] >= peers), default=None)
     for index, rounds in enumerate(logs):
+        if index in skip:
+            continue
         for r in rounds:
             if r["failure"] is None:
                 roots.setdefault(r["state_round"], set()).add(r["state_root"])
@@ -189,7 +212,8 @@ def analyse(workdir: Path, peers: int, round_seconds: float) -> dict[str, Any]:
             "idle_seconds": sum(r["wait_seconds"] for r in rounds),
         })
     forks = sorted(r for r, found in roots.items() if len(found) > 1)
-    return {"peers": rows, "rounds": len(roots), "forks": forks, "formed_at": formed}
+    return {"peers": rows, "rounds": len(roots), "forks": forks, "formed_at": formed,
+            "roots": {r: sorted(found) for r, found in roots.items()}}
 
 
 def _in_model(record: dict, by_round: dict[int, dict]) -> bool:

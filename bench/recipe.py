@@ -3,8 +3,8 @@
 A recipe's defaults are the manifest's defaults (``protocol.manifest``), so ``Recipe(name="default")``
 is what a run launched with an empty ``[training]`` and ``[averaging]`` does. ``run_config`` turns a
 recipe into the run config a coordinator would sign (the parts a manifest holds); the rest
-(``update_rule`` other than sync and arrival, ``weighting``, ``speeds``, ``first_inner_steps``) only
-the simulator (``bench.simulator``) can run.
+(``update_rule`` other than sync and arrival, ``weighting``, ``speeds``, ``first_inner_steps``, a
+``clip`` other than the protocol's, ``hostile`` replicas) only the simulator (``bench.simulator``) can run.
 
 On the command line a recipe is ``NAME[:H[:CODEC]][:key=value...]``, e.g.
 
@@ -16,7 +16,9 @@ with keys ``ilr`` (the inner AdamW rate), ``lr``, ``mom``, ``nesterov`` (0/1), `
 ``weights`` (samples, uniform), ``rule`` (sync, delayed, rebase, eager, arrival; ``overlap`` is short
 for ``rule=arrival``), ``lag`` (arrival: the inner steps into round r + 1 at which round r's update
 arrives), ``h0`` (first inner steps of a doubling H schedule), ``speeds`` (slash-separated,
-e.g. ``1/1/0.5/0.25``) and ``peers``. The inner learning rate and its schedule belong to the task
+e.g. ``1/1/0.5/0.25``), ``peers``, ``clip`` (combine's clip ratio, 0: off), ``hostile`` (what the
+hostile replicas send: ``bench.forged_payloads``) and ``hostiles`` (how many), e.g.
+``flip2:15:bmax-c4096-b64-s2:clip=2:hostile=flip:hostiles=2``. The inner learning rate and its schedule belong to the task
 (``bench.task.TaskSpec``): every contender of a comparison trains with the same schedule, and a
 recipe may only set its peers' own rate (``ilr``).
 """
@@ -24,13 +26,16 @@ recipe may only set its peers' own rate (``ilr``).
 from __future__ import annotations
 
 import dataclasses
+import math
 from dataclasses import dataclass
 from typing import Any, Literal
 
+from bench.forged_payloads import BEHAVIOURS, Behaviour
 from bench.task import TaskSpec
 from protocol.codecs import parse_codec
 from protocol.errors import ConfigError
 from protocol.manifest import AveragingConfig, RunConfig, TrainingConfig
+from protocol.policy import CLIP_RATIO
 
 __all__ = ["Recipe", "run_config", "parse_recipe"]
 
@@ -67,6 +72,14 @@ class Recipe:
     """Relative speed of each peer (simulator only): peer i takes round(H · speed_i) steps a round."""
     peers: int | None = None
     """Peers; None takes the task's count (1 is the "one peer alone" control)."""
+    clip: float = CLIP_RATIO
+    """``combine``'s clip ratio: each payload scaled to at most this many times the group's median
+    payload norm (``protocol.policy.clip_scales``); 0 turns clipping off. The swarm runs the protocol's."""
+    hostile: Behaviour = "none"
+    """What the first ``hostiles`` replicas in peer-id order send instead of their payload
+    (simulator only, with a codec; ``bench.forged_payloads``)."""
+    hostiles: int = 1
+    """How many replicas are hostile when ``hostile`` is not "none"."""
 
     def __post_init__(self) -> None:
         if self.inner_steps < 1 or (self.first_inner_steps is not None and self.first_inner_steps < 1):
@@ -83,12 +96,25 @@ class Recipe:
             raise ConfigError(f"recipe {self.name}: lag must not be negative")
         if self.peers is not None and self.peers < 1:
             raise ConfigError(f"recipe {self.name}: peers must be positive")
+        if not (math.isfinite(self.clip) and self.clip >= 0):
+            raise ConfigError(f"recipe {self.name}: clip must be a finite ratio, 0 or more")
+        if self.hostile not in BEHAVIOURS:
+            raise ConfigError(f"recipe {self.name}: hostile must be one of {', '.join(BEHAVIOURS)}")
+        if self.hostiles < 0 or (self.hostile != "none" and (self.hostiles < 1 or self.codec is None)):
+            raise ConfigError(f"recipe {self.name}: hostile replicas need a codec and a positive count")
 
     def replicas(self, spec: TaskSpec) -> int:
         count = self.peers or spec.peers
         if self.speeds is not None and len(self.speeds) != count:
             raise ConfigError(f"recipe {self.name}: {len(self.speeds)} speeds for {count} peers")
+        if self.hostile != "none" and self.hostiles >= count:
+            raise ConfigError(f"recipe {self.name}: {self.hostiles} hostile of {count} peers leaves none honest")
         return count
+
+    @property
+    def hostile_count(self) -> int:
+        """Replicas that forge their payload (0 for a clean recipe)."""
+        return 0 if self.hostile == "none" else self.hostiles
 
     def schedule(self, spec: TaskSpec) -> list[int]:
         """Inner steps of each round; the run ends when a full-speed peer has taken ``spec.steps``."""
@@ -105,7 +131,8 @@ class Recipe:
     def swarm_can_run(self) -> bool:
         """Whether ``barnraise-peer`` runs this recipe as it is (the rest only the simulator does)."""
         return (self.codec is not None and self.update_rule in ("sync", "arrival") and self.weighting == "samples"
-                and self.first_inner_steps is None and self.speeds is None)
+                and self.first_inner_steps is None and self.speeds is None and self.clip == CLIP_RATIO
+                and self.hostile == "none")
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
@@ -146,6 +173,9 @@ _KEYS: dict[str, tuple[str, Any]] = {
     "h0": ("first_inner_steps", int),
     "speeds": ("speeds", lambda v: tuple(float(s) for s in v.split("/"))),
     "peers": ("peers", int),
+    "clip": ("clip", float),
+    "hostile": ("hostile", str),
+    "hostiles": ("hostiles", int),
 }
 
 

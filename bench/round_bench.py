@@ -68,7 +68,6 @@ from bench.ranks import arm_watchdog, file_barrier, rendezvous_dir, run_ranks, w
 from protocol.averaging import Aggregation
 from protocol.codecs import compress_with_feedback, decode, parse_codec, parse_payload, payload_size
 from protocol.errors import BarnraiseError, ConfigError, DeadlineExceeded, VerificationError
-from protocol.wire import canonical_bytes, decode_map
 
 __all__ = [
 
@@ -85,6 +84,8 @@ __all__ = [
     "main",
 ]
 
+_RUN_ID = "0" * 16
+"""The run id the round bench's signed announcements carry (no manifest: only the round is timed)."""
 _BASE_ROOT = "0" * 64
 """Every rank averages against the same (notional) consensus: the bench has no model state."""
 
@@ -487,14 +488,17 @@ def _measure(spec: RoundSpec, sync: _Sync, tag: str, one_round: Callable[[int], 
 class _BarnraisePeer:
     """One peer's rounds: compress with error feedback, exchange, combine; timed and checked."""
 
-    def __init__(self, node: Any, codec: str, spec: RoundSpec, sync: _Sync):
-        self.node, self.codec, self.spec, self.sync = node, parse_codec(codec), spec, sync
-        self.peer_id = hashlib.sha256(f"round-bench-{sync.rank}".encode()).hexdigest()[:16]
+    def __init__(self, node: Any, key: Any, codec: str, spec: RoundSpec, sync: _Sync):
+        from protocol.signing import key_id
+
+        self.node, self.key, self.codec, self.spec, self.sync = node, key, parse_codec(codec), spec, sync
+        self.peer_id = key_id(key.public_key_hex)
         self.residual = torch.zeros(spec.numel)
         self.indices = _sample_indices(spec)
 
     def __call__(self, round_: int) -> dict[str, Any]:
         from protocol.averaging import GroupMember, combine
+        from protocol.records import RoundAnnouncement
 
         vector = _vector(self.spec, self.sync.rank, round_)
         began = time.perf_counter()
@@ -504,17 +508,23 @@ class _BarnraisePeer:
         encoded = time.perf_counter()
         del vector
         digest = self.node.hold_payload(payload)
-        announcement = canonical_bytes({"member": member.to_wire(), "p2p_id": self.node.p2p_id})
-        self.node.store(f"{_PREFIX}.{round_}", announcement, ttl=600.0, subkey=self.peer_id)
+        # a signed announcement, as the peer stores it: the DHT's validators take nothing else
+        announcement = RoundAnnouncement.signed(
+            self.key, run_id=_RUN_ID, round=round_, weight=1.0, codec=self.codec.name, payload_size=len(payload),
+            payload_sha256=digest, base_root=_BASE_ROOT, loss=0.0, p2p_id=self.node.p2p_id, time=time.time())
+        self.node.store(f"{_PREFIX}.{round_}", announcement.to_bytes(), ttl=600.0, subkey=self.peer_id)
         self.sync(f"barnraise-exchange{round_}")  # every peer has announced: stands for the settle time
         launched = time.perf_counter()
-        announced = [decode_map(raw, what="round bench record") for raw in (self.node.fetch(f"{_PREFIX}.{round_}") or {}).values()]
-        others = [a for a in announced if a["member"]["payload_sha256"] != digest]
+        announced = [RoundAnnouncement.from_bytes(raw).verify()
+                     for raw in (self.node.fetch(f"{_PREFIX}.{round_}") or {}).values()]
+        others = [a for a in announced if a.payload_sha256 != digest]
         fetched = self.node.fetch_payloads(
-            [(a["member"]["payload_sha256"], a["member"]["payload_size"], [a["p2p_id"]]) for a in others],
+            [(a.payload_sha256, a.payload_size, [a.p2p_id]) for a in others],
             timeout=self.spec.network_deadline((self.spec.peers - 1) * len(payload)))
         entries = [(member.to_wire(), payload)] + [
-            (a["member"], fetched[a["member"]["payload_sha256"]]) for a in others if a["member"]["payload_sha256"] in fetched]
+            (GroupMember(peer_id=a.peer_id, round=a.round, weight=a.weight, codec=a.codec, payload_size=a.payload_size,
+                         payload_sha256=a.payload_sha256, base_root=a.base_root).to_wire(), fetched[a.payload_sha256])
+            for a in others if a.payload_sha256 in fetched]
         arrived = time.perf_counter()
         if len(entries) != self.spec.peers:
             raise VerificationError(f"round {round_}: got {len(entries)} of {self.spec.peers} payloads")
@@ -538,14 +548,16 @@ class _BarnraisePeer:
 def _barnraise_rank(spec: RoundSpec, sync: _Sync, codec: str) -> dict[str, Any]:
     from peer.swarm import SwarmNode
     from protocol.manifest import AveragingConfig
+    from protocol.signing import SigningKey
 
     size = payload_size(codec, spec.numel)
     averaging = AveragingConfig(codec=codec, round_deadline_seconds=spec.network_deadline((spec.peers - 1) * size))
     host = [f"/ip4/{spec.host_ip}/tcp/0"]
-    node = _join(sync, lambda peers: SwarmNode(initial_peers=peers, host_maddrs=host), lambda n: n.maddrs)
+    key = SigningKey.generate()
+    node = _join(sync, lambda peers: SwarmNode(initial_peers=peers, host_maddrs=host, identity=key), lambda n: n.maddrs)
     try:
         node.start_averager(prefix=_PREFIX, payload_limit=size, averaging=averaging)
-        peer = _BarnraisePeer(node, codec, spec, sync)
+        peer = _BarnraisePeer(node, key, codec, spec, sync)
         sync("barnraise-ready")
         return {"peer_id": peer.peer_id, **_measure(spec, sync, "barnraise", peer)}
     finally:

@@ -34,6 +34,11 @@ A ``bench.recipe.Recipe`` says what to run; beyond what a manifest holds, a swee
     speeds        relative speeds: replica i takes round(H · speed_i) inner steps a round
     first_inner_steps   an H schedule: round r takes min(H, first · 2**r) steps
     codec None    uncompressed: the exact weighted float32 mean of the Δs (4 bytes per value)
+    clip          combine's clip ratio (0: off); the protocol's by default
+    hostile       the first ``hostiles`` replicas in peer-id order forge their payload each round
+                  (``bench.forged_payloads``: flip, scale, flipscale, noise, replay, nan, zero); they train, keep
+                  their error feedback and adopt the consensus like every other replica, and the
+                  honest replicas' path is the same as in a clean run
 
 Bytes are exact payload sizes: every replica sends its payload to each of the N − 1 others per
 round, as the all-gather does; the swarm's own overhead (matchmaking, DHT) is not in them.
@@ -47,12 +52,13 @@ from typing import Any
 
 import torch
 
+from bench.forged_payloads import Forger
 from bench.recipe import Recipe, run_config
 from bench.task import TaskSpec, checkpoint_steps, evaluate, swarm_peer_id, windows
 from peer.data import Corpus, load_corpus
 from peer.model import batch_loss, build_model, load_parameters
 from peer.trainer import Trainer
-from protocol.averaging import GroupMember, combine
+from protocol.averaging import GroupMember, GroupUpdate, combine
 from protocol.codecs import aggregate, compress_with_feedback, decode, parse_codec, payload_size
 from protocol.manifest import RunManifest
 
@@ -71,6 +77,8 @@ class _Replica:
     residual: torch.Tensor
     own_share: torch.Tensor | None = None
     """rebase / eager / arrival: what this replica carries on top of the consensus in the next round."""
+    forger: Forger | None = None
+    """A hostile replica's: what it sends instead of its payload (None: honest)."""
 
 
 @dataclass
@@ -82,6 +90,12 @@ class _Ledger:
     compute_seconds: float = 0.0
     codec_seconds: float = 0.0
     curve: list[dict[str, float]] = field(default_factory=list)
+    rejected: int = 0
+    """Payloads combine left out, over all rounds."""
+    clipped_honest: int = 0
+    """(round, honest member) pairs whose payload combine clipped."""
+    clipped_hostile: int = 0
+    """(round, hostile member) pairs whose payload combine clipped."""
 
 
 def simulate(spec: TaskSpec, recipe: Recipe, *, corpus: Corpus | None = None, device: str = "cpu",
@@ -98,6 +112,8 @@ def simulate(spec: TaskSpec, recipe: Recipe, *, corpus: Corpus | None = None, de
         replicas.append(_Replica(swarm_peer_id(rank), trainer, (recipe.speeds or (1.0,) * count)[rank],
                                  torch.zeros(trainer.layout.size)))
     replicas.sort(key=lambda r: r.peer_id)
+    for replica in replicas[: recipe.hostile_count]:
+        replica.forger = Forger(recipe.hostile, parse_codec(recipe.codec), replica.trainer.layout.size, replica.peer_id)
     scorer = build_model(spec.model).to(device)
     ledger, pending = _Ledger(), None
     schedule, done = recipe.schedule(spec), 0
@@ -179,17 +195,20 @@ def _exchange(replicas: list[_Replica], works: list[tuple[torch.Tensor, int]], r
         for replica, (delta, _), weight in zip(replicas, works, weights, strict=True):
             payload, replica.residual = compress_with_feedback(codec, delta, replica.residual,
                                                                decay=recipe.error_feedback_decay)
+            owns.append(decode(payload, codec, numel) if recipe.update_rule == "eager" else delta)
+            if replica.forger is not None:  # it sends another payload in its own name, with its honest weight
+                payload = replica.forger.payload(payload, round_)
             member = GroupMember.for_payload(peer_id=replica.peer_id, round=round_, weight=weight, codec=codec,
                                              payload=payload, base_root=_BASE_ROOT)  # fmt: skip
             entries.append((member.to_wire(), payload))
-            owns.append(decode(payload, codec, numel) if recipe.update_rule == "eager" else delta)
             ledger.sent_bytes += (len(works) - 1) * len(payload)
         if len(entries) == 1:
             update = owns[0] if recipe.update_rule == "eager" else decode(entries[0][1], codec, numel)
         else:
             group = combine(entries, codec=codec, numel=numel, round=round_, max_weight=float("inf"),
-                            base_root=_BASE_ROOT, aggregation=recipe.aggregation)
+                            base_root=_BASE_ROOT, aggregation=recipe.aggregation, clip=recipe.clip)
             update = group.update
+            _count_defences(ledger, replicas, group)
     total = sum(weights)
     for replica, own, weight in zip(replicas, owns, weights, strict=True):
         if recipe.update_rule in ("rebase", "arrival"):
@@ -200,6 +219,18 @@ def _exchange(replicas: list[_Replica], works: list[tuple[torch.Tensor, int]], r
             replica.own_share = torch.zeros_like(own)
     ledger.codec_seconds += time.perf_counter() - began
     return update
+
+
+def _count_defences(ledger: _Ledger, replicas: list[_Replica], group: GroupUpdate) -> None:
+    """What combine's checks and clip did this round, honest and hostile members apart."""
+    hostile = {replica.peer_id for replica in replicas if replica.forger is not None}
+    ledger.rejected += len(group.rejected)
+    for member, scale in zip(group.members, group.scales, strict=True):
+        if scale < 1.0:
+            if member.peer_id in hostile:
+                ledger.clipped_hostile += 1
+            else:
+                ledger.clipped_honest += 1
 
 
 def _score(ledger: _Ledger, scorer: torch.nn.Module, trainer: Trainer, corpus: Corpus, spec: TaskSpec,
@@ -225,6 +256,10 @@ def _summary(spec: TaskSpec, recipe: Recipe, count: int, trainer: Trainer, ledge
         "compute_seconds": ledger.compute_seconds,
         "codec_seconds": ledger.codec_seconds,
         "parameters": numel,
+        "hostiles": recipe.hostile_count,
+        "rejected": ledger.rejected,
+        "clipped_honest": ledger.clipped_honest,
+        "clipped_hostile": ledger.clipped_hostile,
     }
 
 

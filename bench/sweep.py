@@ -96,18 +96,20 @@ def _run_one(spec: TaskSpec, recipe: Recipe | None, device: str) -> dict[str, An
 
 
 def run_sweep(spec: TaskSpec, recipes: list[Recipe | None], *, workers: int = 2, device: str = "cpu",
-              on_result: Callable[[dict[str, Any]], None] = print) -> list[dict[str, Any]]:
-    """Simulate every recipe (None: data-parallel), ``workers`` at a time; results in the given order."""
+              on_result: Callable[[dict[str, Any]], None] = print,
+              runner: Callable[[TaskSpec, Recipe | None, str], dict[str, Any]] = _run_one) -> list[dict[str, Any]]:
+    """Simulate every recipe (None: data-parallel), ``workers`` at a time; results in the given order.
+    ``runner(spec, recipe, device)`` runs one (a module-level function: workers are spawned)."""
     if workers <= 1:
         _init_worker()
-        results = [_run_one(spec, recipe, device) for recipe in recipes]
+        results = [runner(spec, recipe, device) for recipe in recipes]
         for result in results:
             on_result(result)
         return results
     context = multiprocessing.get_context("spawn")  # no fork of a process holding torch threads
     results: dict[int, dict[str, Any]] = {}
     with ProcessPoolExecutor(max_workers=workers, mp_context=context, initializer=_init_worker) as pool:
-        futures = {pool.submit(_run_one, spec, recipe, device): i for i, recipe in enumerate(recipes)}
+        futures = {pool.submit(runner, spec, recipe, device): i for i, recipe in enumerate(recipes)}
         for future in as_completed(futures):
             results[futures[future]] = future.result()
             on_result(results[futures[future]])

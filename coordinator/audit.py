@@ -85,7 +85,7 @@ def _measure(path: Path) -> FileHashes:
         # One tensor at a time, so a file larger than memory can still be checked.
         with safe_open(str(path), framework="pt", device="cpu") as handle:
             tensors = {name: tensor_digest(name, handle.get_tensor(name)).hex() for name in handle.keys()}
-    except SafetensorError as error:
+    except (SafetensorError, TypeError, RuntimeError) as error:  # odd shapes surface as TypeError/RuntimeError
         raise InputError(f"not a valid safetensors file ({error})") from None
     root = root_from_digests((name, bytes.fromhex(digest)) for name, digest in tensors.items())
     return FileHashes(root=root, sha256=sha256, size=size, tensors=tensors)

@@ -8,7 +8,8 @@ every response here is either signed bytes, JSON Lines we already produce, or a 
     GET /manifest        the signed manifest (canonical msgpack bytes)
     GET /manifest.json   the same, as JSON
     GET /public-key      the coordinator's Ed25519 public key (PEM)
-    GET /bootstrap       {"maddrs": [...]}: the coordinator's DHT node, then live peers
+    GET /bootstrap       {"maddrs": [...]}: the coordinator's DHT node, then live peers (only
+                         well-formed multiaddrs, ``protocol.multiaddr``: peers' records are untrusted)
     GET /status          global round, live peers, samples, loss, last checkpoint
     GET /ledger.jsonl    the ledger, one signed entry per line
     GET /checkpoints/r000042/model.safetensors   a checkpoint file
@@ -25,9 +26,11 @@ from pathlib import Path
 
 from aiohttp import web
 
+from protocol.multiaddr import BOOTSTRAP_MAX_ADDRESSES, checked_multiaddrs
+
 __all__ = ["build_app", "HttpView"]
 
-_CHECKPOINT_DIR = re.compile(r"\Ar\d{6}\Z")
+_CHECKPOINT_DIR = re.compile(r"\Ar[0-9]{6}\Z")  # not \d: it takes any Unicode digit
 _CHECKPOINT_FILE = re.compile(r"\A[A-Za-z0-9_.-]{1,128}\.safetensors\Z")
 _BLOB = re.compile(r"\A[0-9a-f]{64}\Z")
 
@@ -37,7 +40,7 @@ class HttpView:
 
     def __init__(self, *, manifest_bytes: bytes, manifest_json: dict, public_key_pem: bytes, checkpoints: Path,
                  ledger_jsonl: Callable[[], str], status: Callable[[], dict], bootstrap: Callable[[], list[str]],
-                 blobs: Path | None = None):
+                 blobs: Path | None = None, recorded: Callable[[str], bool] = lambda folder: True):
         self.manifest_bytes = manifest_bytes
         self.manifest_json = manifest_json
         self.public_key_pem = public_key_pem
@@ -46,6 +49,8 @@ class HttpView:
         self.ledger_jsonl = ledger_jsonl
         self.status = status
         self.bootstrap = bootstrap
+        self.recorded = recorded
+        """Whether a checkpoint folder belongs to an entry of the ledger (only those are served)."""
 
 
 def build_app(view: HttpView) -> web.Application:
@@ -59,7 +64,10 @@ def build_app(view: HttpView) -> web.Application:
         return web.Response(body=view.public_key_pem, content_type="application/x-pem-file")
 
     async def bootstrap(_request: web.Request) -> web.Response:
-        return web.json_response({"maddrs": view.bootstrap()})
+        # live peers' addresses come from records anyone can sign: one that hivemind cannot parse
+        # would fail every joiner's DHT, so only well-formed ones, a few per peer, are passed on
+        checked = checked_multiaddrs(view.bootstrap(), limit=BOOTSTRAP_MAX_ADDRESSES)
+        return web.json_response({"maddrs": list(checked.kept)})
 
     async def status(_request: web.Request) -> web.Response:
         return web.json_response(view.status(), dumps=lambda o: json.dumps(o, allow_nan=False))
@@ -72,7 +80,7 @@ def build_app(view: HttpView) -> web.Application:
         if not _CHECKPOINT_DIR.match(folder) or not _CHECKPOINT_FILE.match(name):
             raise web.HTTPNotFound(text="no such checkpoint file")
         path = view.checkpoints / folder / name
-        if not path.is_file():
+        if not view.recorded(folder) or not path.is_file():  # a folder written but not (yet) recorded: never served
             raise web.HTTPNotFound(text="no such checkpoint file")
         return web.FileResponse(path)
 

@@ -31,7 +31,7 @@ from coordinator.http import HttpView, build_app
 from coordinator.launch import LaunchedRun, prepare_run
 from coordinator.swarm import SwarmMemory, start_bootstrap_node
 from coordinator.tracker import MAX_CONTRIBUTORS, Tracker
-from peer.join import state_from_peer
+from peer.join import state_from_quorum
 from peer.progress import MANIFEST_KEY, MANIFEST_TTL, read_progress
 from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
@@ -43,7 +43,7 @@ from protocol.errors import (
     TransportError,
     VerificationError,
 )
-from protocol.ledger import next_entry
+from protocol.ledger import checkpoint_dir_name, next_entry
 from protocol.manifest import RunConfig
 from protocol.records import Contribution
 from protocol.signing import public_key_to_pem
@@ -107,7 +107,7 @@ class Coordinator:
             if follower.problem is not None and follower.problem != problem:
                 self.say(f"replay waits: {follower.problem}")
         local = time.monotonic() < self.next_network_read
-        self.tracker.update(read_progress(self.node, self.run.manifest.run_id, local=local))
+        self.tracker.update(read_progress(self.node, self.run.manifest.run_id, clock=follower.clock, local=local))
         if not local:
             self.next_network_read = time.monotonic() + _NETWORK_READ_SECONDS
         if time.monotonic() - self.manifest_stored_at > _MANIFEST_REFRESH:
@@ -123,14 +123,15 @@ class Coordinator:
             self.checkpoint()
 
     def _adopt_from_peer(self) -> None:
-        """Fallback when the rounds since the follower's state have lapsed: a live peer's state,
-        checked against its signed record (one donor's word: said so in the log)."""
+        """Fallback when the rounds since the follower's state have lapsed: the state a majority of
+        the live peers vouches for (``peer.join.state_from_quorum``), never one donor's word."""
         if time.monotonic() < self.next_checkpoint_try:
             return
-        manifest, follower = self.run.manifest, self.follower
+        manifest, follower, layout = self.run.manifest, self.follower, self.run.checkpoints.layout
+        candidates = [r.p2p_id for r in self.tracker.alive()]
         try:
-            record_bytes, tensors = self.node.download_state(timeout=manifest.config.averaging.round_deadline_seconds)
-            start = state_from_peer(record_bytes, tensors, manifest, self.run.checkpoints.layout)
+            start = state_from_quorum(self.node, manifest, layout, follower.clock, own_peer_id="", candidates=candidates,
+                                      timeout=manifest.config.averaging.round_deadline_seconds + 8 * layout.size / 1e6)
         except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
             self._postpone(f"rounds since round {follower.state.round} have lapsed and no peer served a state: {error}")
             return
@@ -173,6 +174,7 @@ class Coordinator:
             ledger_jsonl=self.run.ledger.export_jsonl,
             status=lambda: self.tracker.status(self.run.ledger.head()),
             bootstrap=self.bootstrap,
+            recorded=lambda folder: any(checkpoint_dir_name(e) == folder for e in self.run.ledger.entries()),
         )
 
 

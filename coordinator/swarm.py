@@ -13,12 +13,20 @@ from peer.workdir import write_atomic
 from protocol.codecs import parse_codec, payload_size
 from protocol.errors import TransportError
 from protocol.manifest import SignedManifest
+from protocol.multiaddr import checked_multiaddrs
 
-__all__ = ["start_bootstrap_node", "SwarmMemory"]
+__all__ = ["start_bootstrap_node", "SwarmMemory", "SWARM_MEMORY_MAX_ADDRESSES"]
+
+SWARM_MEMORY_MAX_ADDRESSES = 64
+"""``swarm.json`` keeps at most this many peers' multiaddrs."""
 
 
 class SwarmMemory:
-    """``swarm.json``: the DHT port and the peers last seen, so a relaunch rejoins the swarm."""
+    """``swarm.json``: the DHT port and the peers last seen, so a relaunch rejoins the swarm.
+
+    The peers' addresses come from records anyone can sign, and a relaunch hands them to hivemind,
+    which fails on one it cannot parse: only well-formed multiaddrs (``protocol.multiaddr``), a few
+    per peer, are written, and a file holding anything else is read without it."""
 
     def __init__(self, path: Path):
         self.path = path
@@ -26,13 +34,20 @@ class SwarmMemory:
             saved = json.loads(path.read_text()) if path.exists() else {}
         except ValueError:
             saved = {}
-        self.dht_port = int(saved.get("dht_port", 0)) if isinstance(saved, dict) else 0
-        peers = saved.get("peer_maddrs", []) if isinstance(saved, dict) else []
-        self.peer_maddrs = [a for a in peers if isinstance(a, str)][:64]
+        if not isinstance(saved, dict):
+            saved = {}
+        port = saved.get("dht_port", 0)
+        self.dht_port = port if isinstance(port, int) and not isinstance(port, bool) and 0 <= port <= 65535 else 0
+        peers = saved.get("peer_maddrs", [])
+        self.peer_maddrs = _remembered(peers if isinstance(peers, list) else [])
 
     def save(self) -> None:
-        data = {"dht_port": self.dht_port, "peer_maddrs": self.peer_maddrs[:64]}
+        data = {"dht_port": self.dht_port, "peer_maddrs": _remembered(self.peer_maddrs)}
         write_atomic(self.path, json.dumps(data, indent=1).encode())
+
+
+def _remembered(maddrs: list) -> list[str]:
+    return list(checked_multiaddrs(maddrs, limit=SWARM_MEMORY_MAX_ADDRESSES).kept)
 
 
 def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vector_size: int) -> tuple[SwarmNode, SwarmMemory]:

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import random
 import threading
 import time
 from dataclasses import dataclass, field
 
 from peer.progress import PROGRESS_TTL, SwarmView
+from protocol.multiaddr import checked_multiaddrs
+from protocol.policy import plausible_samples, swarm_round
 from protocol.records import Contribution, LedgerEntry, PeerProgress
 
 __all__ = ["Tracker", "MAX_CONTRIBUTORS"]
@@ -25,6 +28,9 @@ class Tracker:
     totals: dict[str, int] = field(default_factory=dict)
     """Largest cumulative sample count each peer ever reported (never decreases)."""
     latest: dict[str, PeerProgress] = field(default_factory=dict)
+    arrived: dict[str, float] = field(default_factory=dict)
+    """When each peer's latest record was first read here: liveness is judged by arrival, not by
+    the time the record claims."""
     rejected: int = 0
     updated_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
@@ -42,9 +48,10 @@ class Tracker:
         with self.lock:
             for record in view.records.values():
                 known = self.latest.get(record.peer_id)
-                if known is None or record.time >= known.time:
+                if known is None or (record.time > known.time and record.signature != known.signature):
                     self.latest[record.peer_id] = record
-                plausible = min(record.samples, (record.round + 1) * self.samples_per_round)
+                    self.arrived[record.peer_id] = view.read_at or time.time()
+                plausible = plausible_samples(record, self.samples_per_round)
                 self.totals[record.peer_id] = max(self.totals.get(record.peer_id, 0), plausible)
             self.rejected = view.rejected
             self.updated_at = time.time()
@@ -52,11 +59,13 @@ class Tracker:
     def alive(self, now: float | None = None) -> list[PeerProgress]:
         now = time.time() if now is None else now
         with self.lock:
-            return sorted((r for r in self.latest.values() if now - r.time <= PROGRESS_TTL), key=lambda r: r.peer_id)
+            return sorted((r for r in self.latest.values() if now - self.arrived[r.peer_id] <= PROGRESS_TTL),
+                          key=lambda r: r.peer_id)
 
     @property
     def global_round(self) -> int:
-        return max((r.round for r in self.alive()), default=0)
+        """The median round of the live peers (``protocol.policy.swarm_round``), not the max."""
+        return max(0, swarm_round(self.alive()))
 
     def contributions(self) -> list[Contribution]:
         """The largest contributors (at most ``MAX_CONTRIBUTORS``, what one ledger entry holds)."""
@@ -65,7 +74,11 @@ class Tracker:
         return [Contribution(peer_id=p, samples=s) for s, p in sorted(largest, key=lambda item: item[1])]
 
     def peer_maddrs(self) -> list[str]:
-        return [a for r in self.alive() for a in r.maddrs[:2]]
+        """Up to 2 valid addresses of each live peer (its own libp2p id only), peers in random order:
+        made-up low peer ids cannot crowd honest peers out of ``/bootstrap`` and ``swarm.json``."""
+        alive = self.alive()
+        random.shuffle(alive)
+        return [a for r in alive for a in checked_multiaddrs(r.maddrs, limit=2, p2p_id=r.p2p_id).kept]
 
     def status(self, head: LedgerEntry | None) -> dict:
         now = time.time()
@@ -94,7 +107,7 @@ class Tracker:
                     "averaged_with": r.averaged_with,
                     "averaged": r.averaged,
                     "network_seconds": r.network_seconds,
-                    "seconds_since_report": round(now - r.time, 1),
+                    "seconds_since_report": round(now - self.arrived[r.peer_id], 1),
                 }
                 for r in alive
             ],

@@ -22,8 +22,9 @@ from protocol.wire import is_hex
 __all__ = ["BlobStore", "BlobCache", "BlobSource"]
 
 BlobSource = Callable[[str, int, Path], None]
-"""Writes the blob ``sha256`` (of ``size`` bytes, when known; -1 if not) to a path, or raises
-``BarnraiseError`` with one line; the cache checks the bytes."""
+"""Writes the blob ``sha256`` (of at most ``size`` bytes: its size when known, else a cap for its
+kind; -1: the source's own cap) to a path, or raises ``BarnraiseError`` with one line; the cache
+checks the bytes."""
 
 
 class BlobStore:

@@ -10,15 +10,18 @@ types transformers itself implements are built: a config that asks for remote co
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import threading
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, GPT2Config, PretrainedConfig, PreTrainedModel
 
-from protocol.errors import ConfigError, HashMismatch, InputError
+from protocol.errors import ConfigError, HashMismatch, InputError, VerificationError
 from protocol.manifest import INLINE_PREFIX, ModelConfig
 
 __all__ = [
@@ -102,12 +105,53 @@ def build_model(model: ModelConfig, config_json: bytes | None = None) -> PreTrai
     return built
 
 
-def count_parameters(model: ModelConfig, config_json: bytes | None = None) -> int:
-    """Trainable parameters (tied tensors once), counted without allocating the model."""
+def count_parameters(model: ModelConfig, config_json: bytes | None = None, *, at_most: int | None = None) -> int:
+    """Trainable parameters (tied tensors once), counted without allocating the model.
+
+    With ``at_most`` (what the manifest states, and this peer's memory check allowed): a config
+    that builds more is refused, ``VerificationError``. The count stops as soon as the parameters
+    made so far pass a few times ``at_most`` (or the tensors ``_MAX_REGISTERED_TENSORS``), so a
+    config of a million layers costs no more than one of ``at_most`` parameters."""
     config = transformers_config(model, config_json)
-    with torch.device("meta"):
+    with torch.device("meta"), _parameter_budget(at_most):
         built = _instantiate(config)
-    return sum(p.numel() for p in built.parameters())
+    count = sum(p.numel() for p in built.parameters())
+    if at_most is not None and count > at_most:
+        raise VerificationError(f"the run's model config builds {count:,} parameters, more than the {at_most:,} "
+                                "its manifest states: refused")
+    return count
+
+
+_MAX_REGISTERED_TENSORS = 1 << 18
+"""Parameter tensors registered while a model is built, tied weights' re-registrations included:
+far more than any model a volunteer trains (a 70B llama has under 1,000)."""
+
+
+@contextlib.contextmanager
+def _parameter_budget(at_most: int | None) -> Iterator[None]:
+    """Stop building a model, ``VerificationError``, once the parameters registered in this thread
+    pass 4 × ``at_most`` + 2**20 values (tied weights are registered more than once while a model
+    is built, so this is not the count, only a bound on the work) or ``_MAX_REGISTERED_TENSORS``
+    tensors."""
+    if at_most is None:
+        yield
+        return
+    thread, made = threading.get_ident(), [0, 0]
+
+    def count(_module: torch.nn.Module, _name: str, parameter: torch.nn.Parameter | None) -> None:
+        if parameter is None or threading.get_ident() != thread:
+            return
+        made[0] += parameter.numel()
+        made[1] += 1
+        if made[0] > 4 * at_most + (1 << 20) or made[1] > _MAX_REGISTERED_TENSORS:
+            raise VerificationError(f"the run's model config builds more than the {at_most:,} parameters its "
+                                    "manifest states: refused")
+
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def available_memory(device: str) -> int | None:

@@ -5,7 +5,9 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 
+from protocol.consensus import RoundClock
 from protocol.errors import MalformedRecord, VerificationError
+from protocol.policy import progress_problem
 from protocol.records import PeerProgress
 
 __all__ = ["progress_key", "MANIFEST_KEY", "MANIFEST_TTL", "SwarmView", "read_progress", "PROGRESS_TTL"]
@@ -24,33 +26,39 @@ def progress_key(run_id: str) -> str:
 
 @dataclass(frozen=True)
 class SwarmView:
-    """The verified progress records of a run's peers, and how many were rejected."""
+    """The believed progress records of a run's peers (verified, and passing
+    ``protocol.policy.progress_problem``), and how many were rejected, why."""
 
     records: dict[str, PeerProgress]
     rejected: int
+    read_at: float = 0.0
+    """Unix time of the read: a record is alive if signed within ``PROGRESS_TTL`` of it."""
+    reasons: tuple[str, ...] = ()
+    """One line per rejected record (the first few)."""
 
-    def alive(self, within: float = PROGRESS_TTL, now: float | None = None) -> list[PeerProgress]:
-        now = time.time() if now is None else now
-        return [r for r in self.records.values() if now - r.time <= within]
-
-    @property
-    def max_round(self) -> int:
-        return max((r.round for r in self.alive()), default=-1)
+    def alive(self, within: float = PROGRESS_TTL) -> list[PeerProgress]:
+        return [r for r in self.records.values() if self.read_at - r.time <= within]
 
 
-def read_progress(node, run_id: str, *, local: bool = False) -> SwarmView:
-    """Fetch, decode, verify every peer's progress record; drop (and count) bad ones. ``local``:
-    only the records this node stores itself (no network; all of them in a swarm of up to 5 nodes)."""
+def read_progress(node, run_id: str, *, clock: RoundClock, local: bool = False) -> SwarmView:
+    """Fetch, decode, verify every peer's progress record; drop (and count) the ones not believed:
+    malformed, badly signed, of another run, under another peer's subkey, signed in the future or
+    at a round the run's clock has not reached. ``local``: only the records this node stores
+    itself (no network; all of them in a swarm of up to 5 nodes)."""
     raw = node.fetch_local(progress_key(run_id)) if local else node.fetch(progress_key(run_id))
-    records, rejected = {}, 0
+    now = time.time()
+    records, reasons = {}, []
     for subkey, value in (raw or {}).items() if isinstance(raw, dict) else ():
         try:
             record = PeerProgress.from_bytes(value).verify()
-        except (MalformedRecord, VerificationError):
-            rejected += 1
+        except (MalformedRecord, VerificationError) as error:
+            reasons.append(f"{str(subkey)[:16]}: {error}")
             continue
         if record.run_id != run_id or record.peer_id != subkey:
-            rejected += 1
+            reasons.append(f"{str(subkey)[:16]}: of run {record.run_id} by peer {record.peer_id}")
+            continue
+        if (problem := progress_problem(record, now=now, clock=clock)) is not None:
+            reasons.append(problem)
             continue
         records[record.peer_id] = record
-    return SwarmView(records, rejected)
+    return SwarmView(records, len(reasons), now, tuple(reasons[:8]))

@@ -31,6 +31,7 @@ from protocol.codecs import compress_with_feedback, decode, parse_codec, payload
 from protocol.consensus import RoundClock, RoundDecision, announcement_key, decide
 from protocol.errors import DeadlineExceeded, InputError, TransportError
 from protocol.manifest import RunManifest
+from protocol.policy import MAX_TTL
 from protocol.records import RoundAnnouncement
 from protocol.signing import SigningKey
 
@@ -152,7 +153,7 @@ class RoundExchanger:
             with safe_open(str(self.residual_path), framework="pt") as saved:
                 metadata = saved.metadata() or {}
                 residual = saved.get_tensor("residual") if "residual" in saved.keys() else None
-        except (OSError, SafetensorError, ValueError):
+        except (OSError, SafetensorError, ValueError, TypeError, RuntimeError):  # odd shapes raise the last two
             return torch.zeros(self.numel)
         fits = metadata.get("run_id") == self.run_id and metadata.get("codec") == self.codec.name
         if not fits or residual is None or residual.shape != (self.numel,) or residual.dtype != torch.float32:
@@ -178,7 +179,7 @@ class RoundExchanger:
                 payload_size=len(payload), payload_sha256=digest, base_root=base_root, loss=work.loss,
                 p2p_id=self.node.p2p_id, time=time.time(),
             )
-            ttl = ANNOUNCE_ROUNDS * self.clock.seconds + 60.0
+            ttl = min(ANNOUNCE_ROUNDS * self.clock.seconds + 60.0, MAX_TTL["announcement"])  # the DHT's cap
             if not self.node.store(announcement_key(self.run_id, work.round), record.to_bytes(), ttl=ttl,
                                    subkey=self.peer_id):
                 announced.failure = "the DHT did not take this round's announcement"

@@ -31,7 +31,7 @@ from safetensors.torch import save as save_safetensors
 
 from peer.assets import TOKENIZER_MAX_BYTES, coordinator_source, open_assets
 from peer.coordinator_client import CoordinatorClient
-from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_peer
+from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_quorum
 from peer.model import check_memory, count_parameters
 from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, progress_key, read_progress
 from peer.rounds import ANNOUNCE_ROUNDS, Announced, RoundExchanger, RoundOutcome, RoundWork, Settled, clock_of
@@ -140,9 +140,12 @@ class PeerProcess:
         self.key = load_or_create_key(options.workdir / "peer.key")
         self.peer_id = key_id(self.key.public_key_hex)
         self.served: tuple[bytes | None, list[torch.Tensor]] = (None, [])
+        """(signed record, [parameters, momentum]) of the state served to joiners (its root named)."""
+        self.served_root = ""
         model, averaging = self.manifest.config.model, self.manifest.config.averaging
         numel = model.parameters or count_parameters(model)
         self.memory = check_memory(numel, options.device, options.max_memory)
+        self.clock = clock_of(self.manifest)
         node.start_averager(  # first: peers serve this peer's blob cache, and it fetches from theirs
             prefix=f"{self.run_id}_avg",
             payload_limit=payload_size(parse_codec(averaging.codec), numel),
@@ -157,7 +160,6 @@ class PeerProcess:
         self.trainer = Trainer(self.manifest, self.corpus, self.peer_id, options.device,
                                config_json=self.assets.config_json, micro_batch=options.micro_batch,
                                activation_checkpointing=options.activation_checkpointing)
-        self.clock = clock_of(self.manifest)
         self.overlap = self.manifest.config.averaging.overlap
         self.contribution_path = options.workdir / "contribution.json"
         self.samples = _saved_samples(self.contribution_path, self.run_id)
@@ -192,7 +194,7 @@ class PeerProcess:
     def _from_peers(self, sha256: str, size: int, destination: Path) -> None:
         """A blob source: the live peers of the run, asked in turn (their records name their libp2p ids)."""
         own = self.node.p2p_id
-        holders = [r.p2p_id for r in read_progress(self.node, self.run_id).alive() if r.p2p_id != own]
+        holders = [r.p2p_id for r in read_progress(self.node, self.run_id, clock=self.clock).alive() if r.p2p_id != own]
         random.shuffle(holders)  # peers do not all queue at the same holder
         if not holders:
             raise TransportError("no live peer found to ask")
@@ -289,9 +291,7 @@ class PeerProcess:
             if self.stop.requested:
                 return None
             try:
-                timeout = self.manifest.config.averaging.round_deadline_seconds
-                record_bytes, tensors = self.node.download_state(timeout=timeout)
-                start = state_from_peer(record_bytes, tensors, self.manifest, self.trainer.layout)
+                start = self._quorum_state()
                 if start.state.round < self.trainer.state.round:
                     raise VerificationError(f"the state served is of round {start.state.round}, older than ours")
                 self.trainer.load(start.state)
@@ -303,6 +303,14 @@ class PeerProcess:
                     self.say(f"could not load a peer's state ({error}); training on from round {self.trainer.state.round}")
                 time.sleep(1.0)
         return None
+
+    def _quorum_state(self) -> StartingState:
+        """The state a majority of the live peers vouches for, from one of them (``state_from_quorum``)."""
+        own = self.node.p2p_id
+        candidates = [r.p2p_id for r in read_progress(self.node, self.run_id, clock=self.clock).alive() if r.p2p_id != own]
+        timeout = self.manifest.config.averaging.round_deadline_seconds + 8 * self.trainer.layout.size / 1e6
+        return state_from_quorum(self.node, self.manifest, self.trainer.layout, self.clock, own_peer_id=self.peer_id,
+                                 candidates=candidates, timeout=timeout)
 
     def _root(self) -> str:
         return self.trainer.state.root(self.trainer.layout)
@@ -328,8 +336,11 @@ class PeerProcess:
             time=time.time(),
         )
         self.published_root = root
-        self.served = (record.to_bytes(), [state.parameters.clone(), state.momentum.clone()])
-        self.node.set_state_priority(state.round)
+        tensors = self.served[1]
+        if root != self.served_root:  # a round nobody contributed to leaves the tensors as they were
+            tensors = [state.parameters.clone(), state.momentum.clone()]
+        self.served, self.served_root = (record.to_bytes(), tensors), root
+        self.node.publish_state(record.to_bytes())
         if store or time.monotonic() - self.progress_stored > PROGRESS_TTL / 3:
             self.node.store(progress_key(self.run_id), record.to_bytes(), ttl=PROGRESS_TTL, subkey=self.peer_id)
             self.progress_stored = time.monotonic()
@@ -567,7 +578,8 @@ def run_peer(options: PeerOptions) -> int:
         bootstrap = list(options.initial_peers)
     if not bootstrap:
         raise TransportError("no bootstrap address: give --coordinator URL or --initial-peers MULTIADDR")
-    node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/0"])
+    key = load_or_create_key(options.workdir / "peer.key")  # also its libp2p identity
+    node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/0"], identity=key)
     process = None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:

@@ -13,6 +13,7 @@ import torch
 
 from protocol.errors import HashMismatch
 from protocol.hashing import checkpoint_root
+from protocol.policy import state_problem
 
 __all__ = ["StateLayout", "RoundState"]
 
@@ -79,9 +80,16 @@ def outer_step(state: RoundState, update: torch.Tensor | None, *, lr: float, mom
                nesterov: bool) -> RoundState:
     """θ_{r+1} from θ_r and the round's combined update (the same arithmetic on every peer, the
     coordinator and any follower): ``m = μ·m + U``; ``θ − η·(U + μ·m)`` with Nesterov, else
-    ``θ − η·m``. A round nobody contributed to (``update`` None) moves nothing but the round."""
+    ``θ − η·m``. A round nobody contributed to (``update`` None) moves nothing but the round, and
+    so does one whose step would leave a value that is not finite or beyond
+    ``protocol.policy.MAX_PARAMETER`` (``protocol.policy.state_problem``)."""
     if update is None:
         return RoundState(state.round + 1, state.parameters.clone(), state.momentum.clone())
     moment = state.momentum.mul(momentum).add_(update)
     step = update + momentum * moment if nesterov else moment
-    return RoundState(state.round + 1, state.parameters - lr * step, moment)
+    moved = RoundState(state.round + 1, state.parameters - lr * step, moment)
+    if state_problem(moved.parameters, moved.momentum) is not None:
+        # not finite, or beyond MAX_PARAMETER: the round is void (the same on every peer, since
+        # every peer computes the same update); never a poisoned consensus
+        return RoundState(state.round + 1, state.parameters.clone(), state.momentum.clone())
+    return moved

@@ -23,8 +23,10 @@ from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name t
 
 import torch
 
-from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError
+from protocol.errors import DeadlineExceeded, TransportError
 from protocol.manifest import AveragingConfig
+from protocol.multiaddr import libp2p_id_of
+from protocol.signing import SigningKey
 
 # hivemind logs every failed all-reduce or state download as an exception with a traceback;
 # Barnraise reports each round's outcome itself, so hivemind stays quiet unless the user sets
@@ -41,6 +43,12 @@ from hivemind.proto import averaging_pb2  # noqa: E402
 from hivemind.utils import MSGPackSerializer  # noqa: E402
 from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time  # noqa: E402
+
+from peer.dht_records import SignedRecordValidator  # noqa: E402
+from peer.state_rpc import StateServing  # noqa: E402
+from peer.transport_caps import install as _cap_stream_messages  # noqa: E402
+
+_cap_stream_messages()
 
 __all__ = ["SwarmNode", "StateSource"]
 
@@ -70,9 +78,9 @@ _BLOB_FLOOR_BYTES_PER_SECOND = 1_000_000
 
 
 class _StateSharingAverager(DecentralizedAverager):
-    """hivemind's averager, serving the peer's verified round-boundary state to joiners.
+    """hivemind's averager, handing the peer's round-boundary state to ``StateServing``.
 
-    ``get_current_state`` is hivemind's documented extension point; it runs in this
+    ``get_current_state`` is hivemind's documented extension point; it runs in the peer's
     process (on hivemind's pipe thread) when a joiner downloads state.
     """
 
@@ -87,7 +95,7 @@ class _StateSharingAverager(DecentralizedAverager):
         return metadata, tensors, None
 
 
-class _PayloadAverager(_StateSharingAverager):
+class _PayloadAverager(StateServing, _StateSharingAverager):
     """Content-addressed payloads over libp2p: this peer's store, served to anyone who asks by
     sha256, and fetches from any holder. hivemind's matchmaking and all-reduce are not used.
 
@@ -330,18 +338,36 @@ async def _stored_expiration(_dht, node, key: str) -> float | None:
 class SwarmNode:
     """One DHT node and, once a run is known, one averager on the run's prefix."""
 
-    def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None):
+    def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None,
+                 identity: SigningKey | None = None):
+        """``identity``: the peer's signing key, used as its libp2p identity too, so that the libp2p id
+        its signed records name follows from their key (``protocol.multiaddr.libp2p_id_of``)."""
         self.averager: _PayloadAverager | None = None
         self._handoff: Path | None = None
+        key_folder = None
+        if identity is not None:  # handed to the libp2p daemon in a private file, removed once it runs
+            key_folder = Path(tempfile.mkdtemp(prefix="barnraise-id-"))
+            identity_path = str(key_folder / "libp2p.key")
+            descriptor = os.open(identity_path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(descriptor, "wb") as handle:
+                handle.write(identity.libp2p_identity())
         try:
             self.dht = hivemind.DHT(
                 initial_peers=list(initial_peers),
                 host_maddrs=list(host_maddrs),
                 identity_path=identity_path,
+                check_if_identity_free=False,  # hivemind's check reads RSA identities only
+                record_validators=[SignedRecordValidator()],
                 start=True,
             )
         except Exception as error:  # hivemind raises many types when a bootstrap peer is unreachable
             raise TransportError(f"could not join the swarm through {list(initial_peers)}: {error}") from None
+        finally:
+            if key_folder is not None:
+                shutil.rmtree(key_folder, ignore_errors=True)
+        if identity is not None and self.p2p_id != libp2p_id_of(identity.public_key_hex):
+            self.dht.shutdown()
+            raise TransportError(f"the libp2p daemon took id {self.p2p_id}, not the one of this peer's key")
 
     def start_averager(
         self,
@@ -367,8 +393,7 @@ class SwarmNode:
                 start=True,
                 prefix=prefix,
                 state_compression=NoCompression(),
-                allow_state_sharing=state_source is not None,
-                declare_state_period=30.0,
+                allow_state_sharing=False,  # states are served by root to chosen callers (StateServing)
                 client_mode=client_mode,
                 state_source=state_source,
                 payload_limit=payload_limit,
@@ -386,9 +411,9 @@ class SwarmNode:
             self._handoff = Path(tempfile.mkdtemp(prefix="barnraise-", dir=shm if shm.is_dir() else None))
         return self._handoff
 
-    def set_state_priority(self, priority: float) -> None:
-        """Joiners download from the peer with the highest priority first (we use the round)."""
-        self._need_averager().state_sharing_priority = float(priority)
+    def publish_state(self, record: bytes) -> None:
+        """The signed progress record of the state this peer serves from now on (``StateSource``)."""
+        self._need_averager().publish_record(record)
 
     def _need_averager(self) -> _PayloadAverager:
         if self.averager is None:
@@ -449,18 +474,30 @@ class SwarmNode:
         """When the value of ``key`` that this node stores itself expires (Unix time), or None."""
         return self.dht.run_coroutine(partial(_stored_expiration, key=key))
 
-    def download_state(self, timeout: float) -> tuple[bytes, list[torch.Tensor]]:
-        """The state a peer serves to joiners: (its signed progress bytes, its tensors)."""
+    def state_records(self, holders: Sequence[str], timeout: float) -> dict[str, bytes]:
+        """Each of ``holders``' (libp2p ids) current signed progress record, asked directly (those
+        that answered within ``timeout``)."""
+        return self._need_averager().state_records(holders, timeout)
+
+    def download_state(self, *, root: str, numel: int, donors: Sequence[str],
+                       timeout: float) -> tuple[str, bytes, list[torch.Tensor]]:
+        """The state of consensus ``root`` (``numel`` parameters and as many momentum values) from
+        the first of ``donors`` that serves it whole within the deadline: (donor, its signed record
+        bytes, [parameters, momentum]). The caller checks the bytes against ``root``."""
+        destination = self._handoff_folder() / f"state-{root[:16]}.bin"
+        donor = self._need_averager().fetch_state(root, 8 * numel, donors, destination, timeout)
+        if donor is None:
+            raise TransportError(f"none of {len(donors)} donors served state {root[:16]} within {timeout:.0f} s")
+        flat = torch.empty(2 * numel, dtype=torch.float32)  # read in place: no second copy of the state
         try:
-            result = self._need_averager().load_state_from_peers(timeout=timeout)
-        except TimeoutError:
-            raise DeadlineExceeded(f"no peer served its state within {timeout:.0f} s") from None
-        if result is None:
-            raise TransportError("no peer served its state (none sharing, or all downloads failed)")
-        metadata, tensors = result
-        if not isinstance(metadata, bytes):
-            raise MalformedRecord("state download: metadata is not a signed progress record")
-        return metadata, list(tensors)
+            with destination.open("rb") as handle:
+                record = handle.read(int.from_bytes(handle.read(4), "big"))
+                got = handle.readinto(memoryview(flat.numpy()).cast("B"))
+        finally:
+            destination.unlink(missing_ok=True)
+        if got != 8 * numel:
+            raise TransportError(f"state {root[:16]} from {donor}: {got} bytes, not {8 * numel}")
+        return donor, record, [flat[:numel], flat[numel:]]
 
     def shutdown(self) -> None:
         """Stop the averager and the DHT (and with them the libp2p daemon)."""

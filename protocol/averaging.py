@@ -5,7 +5,9 @@ each one computes the group's update itself: records are decoded under the stric
 each payload is checked against its record (codec, exact size, sha256) and the manifest
 (codec, vector length) and parsed (its content checked) without being decoded, and the
 weighted mean is taken in one canonical order (by Barnraise peer id) straight from the
-payloads. Two rules (``aggregation``): ``"mean"`` divides every coordinate by all accepted
+payloads. Before the mean, every payload is clipped to ``CLIP_RATIO`` times the median norm of
+the group's payloads (``protocol.policy.clip_scales``): one member cannot outweigh the others
+by the size of what it sends, whatever its sign or scale. Two rules (``aggregation``): ``"mean"`` divides every coordinate by all accepted
 members' weight (the bits of ``codecs.aggregate`` over the decoded vectors), ``"senders"``
 divides it by the weight of the members whose payload kept it. A dense codec's payloads are
 added into one float64 sum (``codecs.ParsedPayload.add_to``, then ``codecs.finish``); a
@@ -28,9 +30,10 @@ import torch
 from protocol import codec_core as core
 from protocol.codecs import Codec, ParsedPayload, finish, parse_payload, payload_size
 from protocol.errors import ConfigError, InputError, MalformedRecord
+from protocol.policy import CLIP_RATIO, clip_scales
 from protocol.wire import PROTOCOL_VERSION, Field, check_fields, is_hex
 
-__all__ = ["Aggregation", "GroupMember", "GroupUpdate", "combine"]
+__all__ = ["Aggregation", "GroupMember", "GroupUpdate", "combine", "payload_norm"]
 
 Aggregation = Literal["mean", "senders"]
 """How a coordinate is averaged: over every accepted member, or over those that kept it."""
@@ -99,6 +102,8 @@ class GroupUpdate:
     touched: int = 0
     """Diagnostics: coordinates some accepted payload lists (all of them for a dense codec);
     every other coordinate of the update is 0."""
+    scales: tuple[float, ...] = ()
+    """The clip factor of each accepted member, in ``members`` order (1.0: not clipped)."""
 
 
 def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
@@ -118,8 +123,19 @@ def _accept(record: Any, payload: Any, *, codec: Codec, numel: int, round: int,
     return member, parse_payload(payload, codec, numel)
 
 
+def payload_norm(parsed: ParsedPayload) -> float:
+    """The L2 norm of a payload's decoded vector, from its listed entries: float64 squares
+    (exact for float32 values), summed pairwise per window (numpy), windows in order."""
+    total = 0.0
+    for _, values in parsed.entries():
+        if len(values):
+            total += float(np.square(values.astype(np.float64)).sum())
+    return float(np.sqrt(total))
+
+
 def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, round: int,
-            max_weight: float, base_root: str, aggregation: Aggregation = "mean") -> GroupUpdate:
+            max_weight: float, base_root: str, aggregation: Aggregation = "mean",
+            clip: float = CLIP_RATIO) -> GroupUpdate:
     """The group's update from untrusted (record, payload) pairs; bad ones are left out, named.
 
     ``max_weight`` bounds a member's claimed weight (the samples one round can hold), so no
@@ -129,16 +145,18 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     First every entry is checked in full (record, payload bytes, payload content), in the order
     given: a bad one is rejected, and of two usable entries for one peer id the later one is.
     Only then are the accepted payloads summed; a rejected payload never touches the sum.
+    Each accepted payload m is first given its clip factor c_m (``clip_scales`` of the members'
+    ``payload_norm``s, ``clip`` times their lower median; ``clip`` 0: every c_m is 1).
     Raises ``MalformedRecord`` when no entry is usable, ``InputError`` when the accepted
     weights add up to more than a float64 holds.
 
     The arithmetic, per coordinate i, members in ascending peer-id order, all in float64:
-    ``sum = 0.0``, then ``sum += float64(x_m[i]) * w_m`` for each member m that lists i;
+    ``sum = 0.0``, then ``sum += float64(x_m[i]) * (w_m * c_m)`` for each member m that lists i;
     ``weight = 0.0``, then ``weight += w_m`` for the same members (``"senders"``) or for every
     accepted member (``"mean"``); the update is ``float32(sum / weight)``, one division and one
     rounding, and 0 where no member lists i. A dense codec lists every coordinate; a sparse
     one (top-k, block max) lists the entries it kept, whatever their value (0 included). So
-    ``"mean"`` is exactly ``codecs.aggregate`` over the decoded vectors in peer-id order (an
+    with no member clipped, ``"mean"`` is exactly ``codecs.aggregate`` over the decoded vectors in peer-id order (an
     entry a payload does not list decodes as +0.0 and adding it changes nothing), and for a
     dense codec ``"senders"`` equals ``"mean"``.
     """
@@ -166,17 +184,20 @@ def combine(entries: Sequence[tuple[Any, Any]], *, codec: Codec, numel: int, rou
     members = [accepted[key][0] for key in sorted(accepted)]
     parsed_payloads = [accepted[member.peer_id][1] for member in members]
     weights = [member.weight for member in members]
+    scales = clip_scales([payload_norm(parsed) for parsed in parsed_payloads], clip)
+    factors = [weight * scale for weight, scale in zip(weights, scales, strict=True)]
     if codec.sparse:
-        update, touched = _sparse_mean(parsed_payloads, weights, numel, aggregation)
+        update, touched = _sparse_mean(parsed_payloads, weights, factors, numel, aggregation)
     else:
         total = torch.zeros(numel, dtype=torch.float64)
-        for parsed, weight in zip(parsed_payloads, weights, strict=True):
-            parsed.add_to(total, weight)
+        for parsed, factor in zip(parsed_payloads, factors, strict=True):
+            if factor > 0:
+                parsed.add_to(total, factor)
         update, touched = finish(total, sum(weights)), numel
-    return GroupUpdate(update, tuple(members), tuple(rejected), tuple(other_bases), touched)
+    return GroupUpdate(update, tuple(members), tuple(rejected), tuple(other_bases), touched, tuple(scales))
 
 
-def _sparse_mean(payloads: list[ParsedPayload], weights: list[float], numel: int,
+def _sparse_mean(payloads: list[ParsedPayload], weights: list[float], factors: list[float], numel: int,
                  aggregation: Aggregation) -> tuple[torch.Tensor, int]:
     """(update, touched) from sparse payloads (see ``combine`` for the arithmetic).
 
@@ -204,7 +225,7 @@ def _sparse_mean(payloads: list[ParsedPayload], weights: list[float], numel: int
         stop = min(first + window, numel)
         starts = range(first, stop, span)
         cuts = [np.searchsorted(positions, [*starts, stop]) for positions, _ in members]
-        products = [values.astype(np.float64) * weight for (_, values), weight in zip(members, weights, strict=True)]
+        products = [values.astype(np.float64) * factor for (_, values), factor in zip(members, factors, strict=True)]
         for part, start in enumerate(starts):
             ats = []
             for (positions, _), product, weight, cut in zip(members, products, weights, cuts, strict=True):

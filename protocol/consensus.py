@@ -7,8 +7,8 @@
     at close + S     every peer (and the coordinator, and any follower) reads that key once and
                      calls ``decide``: the same records give the same ``RoundDecision``
 
-``decide`` uses nothing but the records and the manifest: valid records (signed, this run and
-round, the codec's exact payload size, a weight a round can hold, announced by the close plus
+``decide`` uses nothing but the records and the manifest: valid records (signed, naming the
+signer's own libp2p id, this run and round, the codec's exact payload size, a weight a round can hold, announced by the close plus
 half the settle time); of those, the ones on the base root most of them name (a tie goes to the
 smaller root); of those, at most G (``max_contributors``), the G with the smallest
 ``priority(round, peer_id)``, a hash that rotates who gets in from round to round. A peer left
@@ -27,6 +27,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from protocol.errors import MalformedRecord, VerificationError
+from protocol.multiaddr import libp2p_id_of
 from protocol.records import RoundAnnouncement
 
 __all__ = ["RoundClock", "RoundDecision", "decide", "priority", "announcement_key"]
@@ -131,6 +132,8 @@ def _check(subkey: object, raw: object, *, round_: int, run_id: str, codec: str,
     record = RoundAnnouncement.from_bytes(raw).verify()
     if record.peer_id != subkey:
         raise MalformedRecord(f"stored under subkey {str(subkey)[:16]}, signed by {record.peer_id}")
+    if record.p2p_id != libp2p_id_of(record.peer_key):  # its payload would be asked of another peer
+        raise MalformedRecord(f"names libp2p id {record.p2p_id[:60]!r}, not its own key's")
     if record.run_id != run_id:
         raise MalformedRecord(f"run {record.run_id}, not {run_id}")
     if record.round != round_:

@@ -13,6 +13,7 @@ from typing import Any
 from protocol.errors import ChainError, MalformedRecord
 from protocol.records import GENESIS_PREV, Contribution, FileRecord, LedgerEntry
 from protocol.signing import SigningKey
+from protocol.wire import MAX_RECORD_BYTES
 
 __all__ = [
     "next_entry",
@@ -21,7 +22,13 @@ __all__ = [
     "entries_from_jsonl",
     "entry_to_json",
     "checkpoint_dir_name",
+    "MAX_LINE_CHARS",
 ]
+
+MAX_LINE_CHARS = 6 * MAX_RECORD_BYTES
+"""No JSON line of an entry is longer: its msgpack is at most ``MAX_RECORD_BYTES``, and JSON
+writes each byte of it as at most six characters (``\\u0001`` for a control character). A longer
+line is refused before it is parsed: parsing JSON can take 20 times its size in memory."""
 
 
 def next_entry(
@@ -114,6 +121,8 @@ def entries_from_jsonl(text: str, *, max_lines: int = 1_000_000) -> list[LedgerE
             continue
         if len(entries) >= max_lines:
             raise MalformedRecord(f"ledger line {number}: more than {max_lines} entries")
+        if len(line) > MAX_LINE_CHARS:
+            raise MalformedRecord(f"ledger line {number}: {len(line)} characters, more than an entry takes ({MAX_LINE_CHARS})")
         try:
             mapping = json.loads(line, parse_constant=_reject_constant)
             entry = LedgerEntry.from_wire(mapping)

@@ -37,6 +37,13 @@ __all__ = [
 ]
 
 
+_MODEL_MAX = {"vocab_size": 1 << 32, "n_positions": 1 << 20, "n_embd": 1 << 16, "n_layer": 1024, "n_head": 1024}
+"""Upper bounds of the GPT-2 numbers (and of the training and data sizes below): a signed manifest
+cannot ask a peer to count, build or loop over more than these."""
+_MAX_PARAMETERS = 1 << 40
+"""A peer refuses far fewer, by its memory (``peer.model.check_memory``); this bounds the arithmetic."""
+
+
 def _require(condition: bool, message: str) -> None:
     if not condition:
         raise ConfigError(message)
@@ -101,10 +108,12 @@ class ModelConfig:
         _require(not self.init or bool(self.config), "model.init needs model.config")
         for name in ("vocab_size", "n_positions", "n_embd", "n_layer", "n_head"):
             _require(getattr(self, name) > 0, f"model.{name} must be positive")
+            _require(getattr(self, name) <= _MODEL_MAX[name], f"model.{name} must be at most {_MODEL_MAX[name]}")
         _require(self.n_embd % self.n_head == 0, "model.n_head must divide model.n_embd")
         _require(self.vocab_size >= 256, "model.vocab_size must be at least 256 (byte-level data)")
         _require(self.init_seed >= 0, "model.init_seed must be non-negative")
         _require(self.parameters >= 0, "model.parameters must be non-negative")
+        _require(self.parameters <= _MAX_PARAMETERS, "model.parameters must be at most 2**40")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -151,10 +160,13 @@ class DataSpec:
         _require(bool(self.text_field), "data.text_field must not be empty")
         _require(bool(self.tokenizer), "data.tokenizer must be 'bytes' or a tokenizer file")
         _require(self.shard_tokens >= 1024, "data.shard_tokens must be at least 1024")
+        _require(self.shard_tokens <= 1 << 28, "data.shard_tokens must be at most 2**28")  # the data index's cap
         _require(self.seq_len >= 8, "data.seq_len must be at least 8")
+        _require(self.seq_len <= 1 << 20, "data.seq_len must be at most 2**20")
         _require(self.shard_tokens > self.seq_len + 1, "data.shard_tokens must exceed data.seq_len + 1")
         _require(0 < self.heldout_percent < 50, "data.heldout_percent must be between 1 and 49")
         _require(self.eval_windows > 0, "data.eval_windows must be positive")
+        _require(self.eval_windows <= 1 << 20, "data.eval_windows must be at most 2**20")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,7 +206,9 @@ class TrainingConfig:
 
     def __post_init__(self) -> None:
         _require(self.inner_steps > 0, "training.inner_steps must be positive")
+        _require(self.inner_steps <= 1 << 20, "training.inner_steps must be at most 2**20")
         _require(self.batch_size > 0, "training.batch_size must be positive")
+        _require(self.batch_size <= 1 << 16, "training.batch_size must be at most 2**16")
         _require(self.inner_lr > 0, "training.inner_lr must be positive")
         _require(self.inner_weight_decay >= 0, "training.inner_weight_decay must be non-negative")
         _require(all(0 <= b < 1 for b in self.inner_betas), "training.inner_betas must lie in [0, 1)")
@@ -278,6 +292,10 @@ class CheckpointConfig:
         _require(self.every_rounds > 0, "checkpoints.every_rounds must be positive")
 
 
+_TOML_DOT_BUDGET = 10_000_000
+"""Most sum over RUN.toml's lines of (the '.' on the line) squared. tomllib reads a dotted key in
+time quadratic in its parts (40,000 parts: half a minute); this allows a line of 3,000 floats."""
+
 _SECTIONS: dict[str, type] = {
     "model": ModelConfig,
     "data": DataSpec,
@@ -303,8 +321,21 @@ def _value_ok(value: Any, hint: Any) -> bool:
     if hint is int:
         return is_wire_int(value)
     if hint is float:
-        return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        try:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        except OverflowError:  # an int too large for a float
+            return False
     return isinstance(value, hint)
+
+
+def _shown(value: Any) -> str:
+    """``repr`` for a one-line message: at most 80 characters, and never an error (``repr`` of an
+    int past 4300 digits raises ValueError, of a deeply nested list RecursionError)."""
+    try:
+        text = repr(value)
+    except (ValueError, RecursionError):
+        return f"<{type(value).__name__} too large to print>"
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def _coerce(value: Any, hint: Any) -> Any:
@@ -330,7 +361,7 @@ def _section(cls: type, mapping: Any, what: str, *, complete: bool) -> Any:
     values = {}
     for key, value in mapping.items():
         if not _value_ok(value, hints[key]):
-            raise ConfigError(f"{what}.{key}: {value!r} is not a valid {_hint_name(hints[key])}")
+            raise ConfigError(f"{what}.{key}: {_shown(value)} is not a valid {_hint_name(hints[key])}")
         values[key] = _coerce(value, hints[key])
     return cls(**values)
 
@@ -363,17 +394,23 @@ class RunConfig:
     def __post_init__(self) -> None:
         ok = isinstance(self.name, str) and 0 < len(self.name) <= 64
         ok = ok and all(c.isalnum() or c in "-_" for c in self.name)
-        _require(ok, f"run.name {self.name!r} must be 1-64 letters, digits, '-' or '_'")
+        _require(ok, f"run.name {_shown(self.name)} must be 1-64 letters, digits, '-' or '_'")
         if not self.model.config:
             _require(self.model.n_positions >= self.data.seq_len, "model.n_positions must be at least data.seq_len")
 
     @classmethod
     def from_toml(cls, text: str) -> RunConfig:
         """Parse RUN.toml text: ``[run] name``, then optional sections with defaults."""
+        if sum(line.count(".") ** 2 for line in text.splitlines()) > _TOML_DOT_BUDGET:
+            raise ConfigError("RUN.toml has too many '.' on single lines (a dotted key thousands of parts long?)")
         try:
             doc = tomllib.loads(text)
         except tomllib.TOMLDecodeError as error:
             raise ConfigError(f"malformed TOML: {error}") from None
+        except ValueError as error:  # int()'s limit: an integer of more than 4300 digits
+            raise ConfigError(f"malformed TOML: {str(error).split(';')[0]}") from None
+        except RecursionError:
+            raise ConfigError("malformed TOML: arrays or inline tables nested too deeply") from None
         for key in doc:
             if key != "run" and key not in _SECTIONS:
                 raise ConfigError(f"unknown table [{key}] (known: run, {', '.join(_SECTIONS)})")
@@ -383,7 +420,10 @@ class RunConfig:
         tables = {name: dict(doc.get(name, {})) if isinstance(doc.get(name, {}), dict) else doc[name] for name in _SECTIONS}
         model, data = tables["model"], tables["data"]
         if isinstance(model, dict) and isinstance(model.get("config"), dict):  # the config's keys inline
-            model["config"] = INLINE_PREFIX + json.dumps(model["config"], sort_keys=True, separators=(",", ":"))
+            try:
+                model["config"] = INLINE_PREFIX + json.dumps(model["config"], sort_keys=True, separators=(",", ":"))
+            except (TypeError, ValueError, RecursionError) as error:  # a date or time, an int past 4300 digits
+                raise ConfigError(f"[model.config] cannot be written as JSON: {str(error).split(';')[0]}") from None
         if isinstance(data, dict) and data.get("files") and "corpus" not in data:
             data["corpus"] = "files"
         sections = {name: _section(cls_, tables[name], name, complete=False) for name, cls_ in _SECTIONS.items()}

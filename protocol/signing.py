@@ -61,6 +61,13 @@ class SigningKey:
     def sign(self, message: bytes) -> str:
         return self.private.sign(message).hex()
 
+    def libp2p_identity(self) -> bytes:
+        """This key as a libp2p private key file (protobuf PrivateKey: Type Ed25519, Data = seed ‖
+        public key): the peer's libp2p id is then ``protocol.multiaddr.libp2p_id_of`` its public key."""
+        seed = self.private.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                          serialization.NoEncryption())
+        return bytes([0x08, 0x01, 0x12, 0x40]) + seed + bytes.fromhex(self.public_key_hex)
+
 
 def verify_signature(public_key_hex: str, message: bytes, signature_hex: str, *, what: str) -> None:
     """Raise ``SignatureError`` naming ``what`` unless the signature verifies."""

@@ -15,6 +15,7 @@ from peer.state import RoundState, outer_step
 from protocol.codecs import parse_codec, payload_size
 from protocol.consensus import RoundClock, decide, priority
 from protocol.manifest import AveragingConfig, RunConfig, RunManifest, TrainingConfig
+from protocol.multiaddr import libp2p_id_of
 from protocol.records import RoundAnnouncement
 from protocol.signing import SigningKey, key_id
 
@@ -30,7 +31,7 @@ def _record(key: SigningKey, *, round_: int = 3, base_root: str = ROOT_A, weight
             time_: float = 100.0, **changes) -> RoundAnnouncement:
     fields = dict(run_id=RUN, round=round_, weight=weight, codec=CODEC, payload_size=SIZE,
                   payload_sha256=hashlib.sha256(key.public_key_hex.encode()).hexdigest(), base_root=base_root,
-                  loss=1.0, p2p_id="Qm" + key.public_key_hex[:20], time=time_)
+                  loss=1.0, p2p_id=libp2p_id_of(key.public_key_hex), time=time_)
     fields.update(changes)
     return RoundAnnouncement.signed(key, **fields)
 
@@ -182,9 +183,9 @@ def _manifest(g: int) -> RunManifest:
 def _peers(count: int, g: int, swarm: _Swarm) -> list[RoundExchanger]:
     manifest = _manifest(g)
     peers = []
-    for index in range(count):
+    for _ in range(count):
         key = SigningKey.generate()
-        peers.append(RoundExchanger(_Node(swarm, f"node-{index}"), manifest, key, key_id(key.public_key_hex), None, NUMEL))
+        peers.append(RoundExchanger(_Node(swarm, libp2p_id_of(key.public_key_hex)), manifest, key, key_id(key.public_key_hex), None, NUMEL))
     return peers
 
 

@@ -736,7 +736,7 @@ def test_combine_is_aggregate_in_peer_id_order_and_leaves_bad_payloads_out(name,
     bad = late_faults(numel)[fault][1]  # its record's size and sha256 match: only its content is bad
     entries = [group_entry(9, 2.0, payloads[0], codec), group_entry(2, 0.5, payloads[1], codec),
                group_entry(5, 7.0, bad, codec), group_entry(4, 1.25, payloads[2], codec)]  # fmt: skip
-    group = combine(entries, codec=codec, numel=numel, round=3, max_weight=1e9, base_root="ab" * 32)
+    group = combine(entries, codec=codec, numel=numel, round=3, max_weight=1e9, base_root="ab" * 32, clip=0.0)
     assert [m.peer_id for m in group.members] == [f"{p:016x}" for p in (2, 4, 9)]
     assert len(group.rejected) == 1 and f"codec payload ({name})" in group.rejected[0]
     decoded = [decode(p, codec, numel) for p in (payloads[1], payloads[2], payloads[0])]

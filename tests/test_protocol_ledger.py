@@ -24,6 +24,7 @@ from hypothesis import strategies as st
 from protocol.errors import ChainError, MalformedRecord, SignatureError, VerificationError
 from protocol.hashing import checkpoint_root, tensor_digests
 from protocol.ledger import (
+    MAX_LINE_CHARS,
     checkpoint_dir_name,
     entries_from_jsonl,
     entry_to_json,
@@ -34,7 +35,7 @@ from protocol.ledger import (
 from protocol.manifest import RunConfig, RunManifest
 from protocol.records import GENESIS_PREV, Contribution, FileRecord, LedgerEntry
 from protocol.signing import SigningKey
-from protocol.wire import canonical_bytes
+from protocol.wire import MAX_RECORD_BYTES, canonical_bytes
 
 COORDINATOR = SigningKey(Ed25519PrivateKey.from_private_bytes(bytes(range(32))))
 STRANGER = SigningKey(Ed25519PrivateKey.from_private_bytes(bytes([0x5A] * 32)))
@@ -492,6 +493,15 @@ def test_bad_json_lines_are_malformed_and_name_the_line(line, match):
 def test_jsonl_line_limit():
     with pytest.raises(MalformedRecord, match="ledger line 3: more than 2 entries"):
         entries_from_jsonl(jsonl(CHAIN), max_lines=2)
+
+
+def test_a_line_longer_than_any_entry_is_refused_before_it_is_parsed():
+    # 32 MiB of "[[],[],...]" took 19 s and 1 GiB to parse before it was refused as "expected a map"
+    line = "[" + ",".join(["[]"] * (MAX_LINE_CHARS // 3 + 1)) + "]"
+    with pytest.raises(MalformedRecord, match=f"^ledger line 2: {len(line)} characters, more than an entry takes"):
+        entries_from_jsonl(entry_to_json(CHAIN[0]) + "\n" + line)
+    assert len(canonical_bytes(CHAIN[1].to_wire())) < MAX_RECORD_BYTES
+    assert len(entry_to_json(CHAIN[1])) <= MAX_LINE_CHARS
 
 
 @settings(max_examples=100, deadline=None)

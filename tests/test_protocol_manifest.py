@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import time
 
 import msgpack
 import pytest
@@ -269,6 +270,38 @@ def test_bad_run_names_are_refused(name):
 def test_malformed_toml_is_a_config_error(text):
     with pytest.raises(ConfigError, match="malformed TOML"):
         RunConfig.from_toml(text)
+
+
+_HUGE_HEX = "0x" + "f" * 5000  # tomllib reads it; int() has no digit limit in base 16, str() does
+
+
+@pytest.mark.parametrize(
+    "text, match",
+    [  # found by scripts/fuzz.py (run_config_toml): each raised something other than ConfigError, or hung
+        ("[run]\nname = 'a'\n[training]\ninner_steps = " + "1" * 5000, "malformed TOML: Exceeds the limit"),
+        ("[run]\nname = 'a'\n[training]\ninner_betas = " + "[" * 3000 + "]" * 3000, "nested too deeply"),
+        ("[run]\nname = 'a'\n[model]\nfamily = 'llama'\n[model.config]\nx = 1979-05-27T07:32:00Z",
+         r"\[model.config\] cannot be written as JSON: Object of type datetime"),
+        ("[run]\nname = 'a'\n[model]\nfamily = 'llama'\n[model.config]\nx = " + _HUGE_HEX,
+         r"\[model.config\] cannot be written as JSON: Exceeds the limit"),
+        ("[run]\nname = 'a'\n[training]\ninner_lr = " + _HUGE_HEX, "training.inner_lr: <int too large to print> is not a valid float"),
+        ("[run]\nname = 'a'\n[training]\ninner_steps = " + _HUGE_HEX, "training.inner_steps: <int too large to print> is not a valid int"),
+        ("[run]\nname = " + _HUGE_HEX, "run.name <int too large to print> must be"),
+        ("[run]\nname = 'a'\n" + "a" + ".b" * 40_000 + " = 1", "too many '.' on single lines"),
+    ],
+)
+def test_toml_python_cannot_hold_is_a_one_line_config_error(text, match):
+    started = time.monotonic()
+    with pytest.raises(ConfigError, match=match) as caught:
+        RunConfig.from_toml(text)
+    assert "\n" not in str(caught.value) and len(str(caught.value)) < 300
+    assert time.monotonic() - started < 5  # the dotted key took tomllib 37 s
+
+
+def test_a_long_value_is_shortened_in_the_message():
+    with pytest.raises(ConfigError) as caught:
+        RunConfig.from_toml("[run]\nname = 'a'\n[training]\ninner_lr = '" + "x" * 5000 + "'")
+    assert str(caught.value) == "training.inner_lr: '" + "x" * 76 + "... is not a valid float"
 
 
 def test_config_errors_are_input_errors():

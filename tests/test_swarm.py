@@ -41,6 +41,7 @@ from peer.swarm import SwarmNode
 from protocol.codecs import compress_with_feedback, decode, parse_codec, payload_size
 from protocol.ledger import entries_from_jsonl
 from protocol.manifest import AveragingConfig, RunConfig, RunManifest
+from protocol.policy import CLIP_RATIO, clip_scales
 from protocol.records import LedgerEntry
 from protocol.signing import SigningKey, key_id
 
@@ -74,13 +75,13 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path,
     codec = parse_codec(CODEC)
     nodes: list[SwarmNode] = []
     try:
-        nodes.append(SwarmNode(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
-        for _ in range(EXCHANGE_PEERS - 1):
-            nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        keys = [SigningKey.generate() for _ in range(EXCHANGE_PEERS)]  # each one's libp2p identity too
+        nodes.append(SwarmNode(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=keys[0]))
+        for key in keys[1:]:
+            nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=key))
         for node in nodes:
             node.start_averager(prefix="test_exchange", payload_limit=payload_size(codec, VECTOR_SIZE),
                                 averaging=manifest.config.averaging)
-        keys = [SigningKey.generate() for _ in nodes]
         exchangers = [RoundExchanger(node, manifest, k, key_id(k.public_key_hex), tmp_path / f"p{i}", VECTOR_SIZE)
                       for i, (node, k) in enumerate(zip(nodes, keys, strict=True))]
         for i in range(EXCHANGE_PEERS):
@@ -89,7 +90,7 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path,
         for _ in range(EXCHANGE_ROUNDS):
             round_ = clock.round_at(time.time()) + 1
             time.sleep(max(0.0, clock.opens(round_) - time.time()))
-            deltas = [torch.randn(VECTOR_SIZE, generator=generator) * (i + 1) for i in range(EXCHANGE_PEERS)]
+            deltas = [torch.randn(VECTOR_SIZE, generator=generator) * (1 + i / 4) for i in range(EXCHANGE_PEERS)]
             works = [RoundWork(round_, 1.0, 16 * (i + 1), 0.1) for i in range(EXCHANGE_PEERS)]
             residuals_before = [e.residual.clone() for e in exchangers]
             announced = [e.announce(w, d, base_root="ab" * 32) for e, w, d in zip(exchangers, works, deltas, strict=True)]
@@ -99,7 +100,10 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path,
             decoded = [decode(compress_with_feedback(codec, d, r.clone(), decay=decay)[0], codec, VECTOR_SIZE)
                        for d, r in zip(deltas, residuals_before, strict=True)]
             weights = [float(w.samples) for w in works]
-            expected = sum(w * x.double() for w, x in zip(weights, decoded, strict=True))
+            # each payload clipped to CLIP_RATIO times the median norm (protocol.policy.clip_scales)
+            scales = clip_scales([float(x.double().norm()) for x in decoded])
+            assert max(scales) == 1.0 and (min(scales) < 1.0 or CLIP_RATIO >= 1.75)  # the rule is exercised
+            expected = sum(w * c * x.double() for w, c, x in zip(weights, scales, decoded, strict=True))
             if aggregation == "mean":
                 expected = expected / sum(weights)
             else:  # q2 levels are never 0: a coordinate is sent exactly where its decoding is not 0

@@ -1,0 +1,143 @@
+"""Hostile peers against real SwarmNodes on loopback (in-process hivemind nodes, no training).
+
+    pytest -q tests/test_hostile_swarm.py        # ~1 minute on 2 cores
+
+A joiner that must load a state takes the one a majority of live peers vouches for, from those
+peers only: a donor serving a poisoned state, an outsized stream or another root is passed over.
+The DHT's validators refuse junk and records stored under another peer's id, and a forged far-future
+progress record, stored as an attacker would, is not believed by readers.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+from conftest import our_p2pd, wait_until
+
+from peer.join import state_from_quorum
+from peer.progress import PROGRESS_TTL, progress_key, read_progress
+from peer.rounds import clock_of
+from peer.state import RoundState, StateLayout
+from peer.swarm import SwarmNode
+from protocol.errors import VerificationError
+from protocol.manifest import AveragingConfig, RunConfig, RunManifest
+from protocol.records import PeerProgress
+from protocol.signing import SigningKey, key_id
+
+pytestmark = pytest.mark.swarm
+
+NUMEL = 4096
+LAYOUT = StateLayout(("w",), (torch.Size([NUMEL]),))
+
+
+def _manifest() -> RunManifest:
+    config = RunConfig(name="hostile", averaging=AveragingConfig(round_seconds=4.0, settle_seconds=1.0))
+    return RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=time.time() - 40)
+
+
+def _record(key: SigningKey, manifest: RunManifest, node: SwarmNode, state: RoundState, **overrides) -> PeerProgress:
+    fields = dict(run_id=manifest.run_id, round=state.round, samples=64, loss=3.0, samples_per_second=5.0,
+                  averaged_with=4, averaged=True, network_seconds=0.2, state_root=state.root(LAYOUT),
+                  p2p_id=node.p2p_id, maddrs=[], time=time.time())
+    return PeerProgress.signed(key, **fields | overrides)
+
+
+def _first(monkeypatch, p2p_id: str) -> None:
+    """Donors are drawn at random: put ``p2p_id`` first, so the test sees it tried and passed over."""
+    monkeypatch.setattr("peer.join.random.sample", lambda seq, k: sorted(seq, key=lambda p: p != p2p_id)[:k])
+
+
+def test_a_joiner_takes_the_quorum_state_and_passes_over_hostile_donors(monkeypatch):
+    p2pd_before = our_p2pd()
+    manifest = _manifest()
+    clock = clock_of(manifest)
+    generator = torch.Generator().manual_seed(3)
+    honest_state = RoundState(9, torch.randn(NUMEL, generator=generator), torch.randn(NUMEL, generator=generator))
+    poisoned = RoundState(9, honest_state.parameters.clone(), honest_state.momentum.clone())
+    poisoned.parameters[5] = float("nan")
+    other = RoundState(10, honest_state.parameters + 1.0, honest_state.momentum.clone())
+    nodes: list[SwarmNode] = []
+    served: dict[int, tuple[bytes | None, list[torch.Tensor]]] = {}
+    try:
+        keys = [SigningKey.generate() for _ in range(6)]  # each one's libp2p identity too
+        nodes.append(SwarmNode(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=keys[0]))
+        for key in keys[1:]:
+            nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=key))
+        for index, node in enumerate(nodes):
+            node.start_averager(prefix="test_hostile", payload_limit=1024, averaging=manifest.config.averaging,
+                                state_source=lambda index=index: served.get(index, (None, [])))
+        # nodes 0-2 honest; 3 claims the honest root but serves NaNs; 4 serves a root of its own at a
+        # higher round; 5 is the joiner
+        for index in range(3):
+            record = _record(keys[index], manifest, nodes[index], honest_state)
+            served[index] = (record.to_bytes(), [honest_state.parameters, honest_state.momentum])
+        liar = _record(keys[3], manifest, nodes[3], honest_state)
+        served[3] = (liar.to_bytes(), [poisoned.parameters, poisoned.momentum])
+        loner = _record(keys[4], manifest, nodes[4], other)
+        served[4] = (loner.to_bytes(), [other.parameters, other.momentum])
+        for index in range(5):
+            nodes[index].publish_state(served[index][0])
+        candidates = [node.p2p_id for node in nodes[:5]]
+        joiner = nodes[5]
+        _first(monkeypatch, nodes[3].p2p_id)  # the liar is asked first, and passed over
+        start = state_from_quorum(joiner, manifest, LAYOUT, clock, own_peer_id=key_id(keys[5].public_key_hex),
+                                  candidates=candidates, timeout=30.0)
+        assert start.state.round == 9 and start.state.root(LAYOUT) == honest_state.root(LAYOUT)
+        assert torch.equal(start.state.parameters, honest_state.parameters)
+        assert "vouched for by 4 of 5 peers" in start.source, start.source
+        assert start.source.startswith("round 9 from peer ") and key_id(keys[3].public_key_hex) not in start.source
+        # the liar alone as donor: its NaNs hash to another root, so nothing is adopted
+        with pytest.raises(VerificationError):
+            state_from_quorum(joiner, manifest, LAYOUT, clock, own_peer_id="", candidates=[nodes[3].p2p_id,
+                              nodes[4].p2p_id], timeout=10.0)
+        # a donor that serves more bytes than a state holds is cut off: only the honest ones remain
+        served[0] = (served[0][0], [honest_state.parameters, torch.cat([honest_state.momentum] * 4)])
+        _first(monkeypatch, nodes[0].p2p_id)
+        start = state_from_quorum(joiner, manifest, LAYOUT, clock, own_peer_id="", candidates=candidates[:3],
+                                  timeout=30.0)
+        assert start.state.root(LAYOUT) == honest_state.root(LAYOUT)
+        assert key_id(keys[0].public_key_hex) not in start.source, start.source
+    finally:
+        for node in nodes:
+            node.shutdown()
+    wait_until(lambda: not (our_p2pd() - p2pd_before), 15.0, "the in-process nodes' p2pd to exit")
+
+
+def test_the_dht_refuses_junk_and_readers_refuse_a_forged_far_future_record():
+    p2pd_before = our_p2pd()
+    manifest = _manifest()
+    clock = clock_of(manifest)
+    nodes: list[SwarmNode] = []
+    try:
+        honest_key, hostile_key = SigningKey.generate(), SigningKey.generate()
+        nodes.append(SwarmNode(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"]))
+        nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=honest_key))
+        attacker = SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=hostile_key)
+        nodes.append(attacker)
+        honest_id, hostile_id = key_id(honest_key.public_key_hex), key_id(hostile_key.public_key_hex)
+        state = RoundState(9, torch.zeros(NUMEL), torch.zeros(NUMEL))
+        key = progress_key(manifest.run_id)
+        honest = _record(honest_key, manifest, nodes[1], state)
+        assert nodes[1].store(key, honest.to_bytes(), ttl=PROGRESS_TTL, subkey=honest_id)
+        # junk, and an honest peer's record re-stored under the attacker's id: refused by every node
+        assert not attacker.store(key, b"\x00" * 100, ttl=60.0, subkey=hostile_id)
+        assert not attacker.store(key, honest.to_bytes(), ttl=60.0, subkey=hostile_id)
+        # validly signed under its own id, but naming the honest peer's libp2p id: refused
+        spoofed = _record(hostile_key, manifest, nodes[1], state)
+        assert not attacker.store(key, spoofed.to_bytes(), ttl=60.0, subkey=hostile_id)
+        # kept for a day: refused
+        assert not attacker.store(key, _record(hostile_key, manifest, attacker, state).to_bytes(), ttl=86400.0,
+                                  subkey=hostile_id)
+        # validly signed, under its own id, but claiming round 10**9 and a time a year ahead
+        forged = _record(hostile_key, manifest, attacker, state, round=10**9, time=time.time() + 3.2e7)
+        assert attacker.store(key, forged.to_bytes(), ttl=60.0, subkey=hostile_id)
+        view = read_progress(nodes[0], manifest.run_id, clock=clock)
+        assert set(view.records) == {honest_id}, view
+        assert view.rejected == 1 and "future" in view.reasons[0], view.reasons
+        assert [r.peer_id for r in view.alive()] == [honest_id]
+    finally:
+        for node in nodes:
+            node.shutdown()
+    wait_until(lambda: not (our_p2pd() - p2pd_before), 15.0, "the in-process nodes' p2pd to exit")
