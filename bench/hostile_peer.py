@@ -28,8 +28,11 @@ import random
 import sys
 import threading
 import time
+from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name to find stream handlers)
 
 import torch
+from hivemind.p2p import P2PContext  # the endless handlers' annotations are read by hivemind
+from hivemind.proto import averaging_pb2
 
 BEHAVIOURS = ("flip", "scale", "noise", "nan", "replay", "round", "future", "base_root", "equivocate", "spoof",
               "poison", "endless", "flood")
@@ -59,6 +62,7 @@ def _patch_payloads(behaviour: str) -> None:
 
 def _equivocate(exchanger, work, other_delta, base_root) -> None:
     """A second announcement of the same round, stored just before its last moment."""
+    from peer import rounds
     from protocol.codecs import encode
     from protocol.consensus import announcement_key
     from protocol.records import RoundAnnouncement
@@ -70,8 +74,11 @@ def _equivocate(exchanger, work, other_delta, base_root) -> None:
         exchanger.key, run_id=exchanger.run_id, round=work.round, weight=float(work.samples),
         codec=exchanger.codec.name, payload_size=len(payload), payload_sha256=digest, base_root=base_root,
         loss=work.loss, p2p_id=exchanger.node.p2p_id, time=time.time())
-    exchanger.node.store(announcement_key(exchanger.run_id, work.round), record.to_bytes(), ttl=120.0,
-                         subkey=exchanger.peer_id)
+    # a later expiry than the first announcement's (hivemind keeps the entry that expires last)
+    ttl = rounds.ANNOUNCE_ROUNDS * exchanger.clock.seconds + 65.0
+    if not exchanger.node.store(announcement_key(exchanger.run_id, work.round), record.to_bytes(), ttl=ttl,
+                                subkey=exchanger.peer_id):
+        print(f"[hostile] round {work.round}: the second announcement was not stored", flush=True)
 
 
 def _patch_compressed(behaviour: str) -> None:
@@ -164,8 +171,6 @@ def _patch_progress(behaviour: str) -> None:
 
 
 def _patch_state(behaviour: str) -> None:
-    from hivemind.proto import averaging_pb2
-
     from peer import runner, state_rpc
 
     if behaviour == "poison":
@@ -181,7 +186,8 @@ def _patch_state(behaviour: str) -> None:
 
         runner.PeerProcess._serve = serve
     if behaviour == "endless":
-        async def endless_state(self, request, context):
+        async def endless_state(self, request: averaging_pb2.AveragingData,
+                                context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
             chunk = bytes(1 << 20)
             yield averaging_pb2.DownloadData(metadata=self._state_record or b"\x00")
             for _ in range(1 << 16):
@@ -190,7 +196,8 @@ def _patch_state(behaviour: str) -> None:
         state_rpc.StateServing.rpc_state = endless_state
         from peer import swarm
 
-        async def endless_payload(self, request, context):
+        async def endless_payload(self, request: averaging_pb2.AveragingData,
+                                  context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
             for _ in range(1 << 16):
                 yield averaging_pb2.DownloadData(metadata=bytes(1 << 20))
 

@@ -14,7 +14,7 @@ swarm. For each run, from the honest peers' ``rounds.jsonl`` and the coordinator
 - the longest stall: the most consecutive rounds in which no honest peer applied an update
   (in seconds, against one round deadline);
 - forks (rounds after which honest peers held different roots), honest crashes (exit code not 0);
-- hostile roots in the ledger: checkpoints whose root no honest peer held at that round.
+- hostile roots in the ledger: checkpoints whose state no honest peer ever held.
 """
 
 from __future__ import annotations
@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 from bench.consensus_run import SwarmRunSpec, run_swarm
@@ -77,7 +78,7 @@ def _state_root(folder: Path) -> str | None:
     try:
         named = {f"model/{n}": t for n, t in load_file(str(folder / "model.safetensors")).items()}
         named.update({f"outer/{n}": t for n, t in load_file(str(folder / "outer.safetensors")).items()})
-    except OSError:
+    except (OSError, SafetensorError):
         return None
     return checkpoint_root(named)
 
@@ -98,9 +99,10 @@ def summarise(summary: dict[str, Any], workdir: Path, round_seconds: float) -> H
     for round_ in seen[1:]:  # the first window was joined part way through
         stall = 0 if round_ in applied else stall + 1
         longest = max(longest, stall)
-    roots = {int(k): set(v) for k, v in summary["roots"].items()}
-    hostile_roots = sum(1 for e in ledger if e.kind == "checkpoint" and e.round in roots
-                        and _state_root(workdir / "coordinator" / "checkpoints" / f"r{e.round:06d}") not in roots[e.round])
+    # a hostile root: a checkpoint whose state no honest peer ever held (at any round)
+    honest_roots = {root for found in summary["roots"].values() for root in found}
+    hostile_roots = sum(1 for e in ledger if e.kind == "checkpoint"
+                        and _state_root(workdir / "coordinator" / "checkpoints" / f"r{e.round:06d}") not in honest_roots)
     honest_codes = [code for index, code in summary["exit_codes"].items() if int(index) >= hostile]
     joiner = None
     log = workdir / f"peer-{summary['spec']['peers']}.0.log"

@@ -41,6 +41,8 @@ class Follower:
         """Samples of each peer's payloads in the consensus, in all (seeded from the ledger)."""
         self.before: tuple[RoundState, tuple[tuple[str, int], ...]] | None = None
         """The state before the latest round and that round's credit (to redo it another way)."""
+        self.unconfirmed = False
+        """The latest round was void here: whether the swarm applied it is known only at the next round."""
         self.problem: str | None = None
         """Why the latest round could not be replayed (retried next time), or None."""
 
@@ -64,17 +66,24 @@ class Follower:
                 self.problem = f"round {self.state.round}: {settled.failure}"
                 return replayed
             self.problem = None
-            self.before = (self.state, settled.credit)
+            # void here (a payload nobody served us) may be applied by the swarm: the next round's
+            # base root tells; until then this state is not checkpointed
+            self.unconfirmed = settled.void is not None
+            before = self.state
             self._apply(settled.update, settled.credit)
+            self.before = (before, () if self.state.void is not None else settled.credit)
             replayed += 1
             now = max(now, time.time())
         return replayed
 
     def _apply(self, update, credit) -> None:
-        for peer_id, samples in credit:
-            self.credit[peer_id] = self.credit.get(peer_id, 0) + samples
         self.state = outer_step(self.state, update, lr=self.training.outer_lr,
                                 momentum=self.training.outer_momentum, nesterov=self.training.nesterov)
+        if self.state.void is not None:  # the step was refused: the round is void, and earns nothing
+            self.problem = f"round {self.state.round - 1} is void: {self.state.void}"
+            return
+        for peer_id, samples in credit:
+            self.credit[peer_id] = self.credit.get(peer_id, 0) + samples
         if update is not None:
             self.root = self.state.root(self.layout)
             self.changed = True

@@ -118,7 +118,7 @@ class Coordinator:
             self.memory.save()
         head = self.run.ledger.head()
         every = self.run.manifest.config.checkpoints.every_rounds
-        due = follower.state.round >= head.round + every and follower.changed
+        due = follower.state.round >= head.round + every and follower.changed and not follower.unconfirmed
         if due and time.monotonic() >= self.next_checkpoint_try:
             self.checkpoint()
 

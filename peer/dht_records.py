@@ -32,4 +32,4 @@ class SignedRecordValidator(RecordValidatorBase):
             return False
         if subkey is not None and not isinstance(subkey, str):
             return False
-        return dht_record_problem(subkey, raw, record.expiration_time - get_dht_time()) is None
+        return dht_record_problem(subkey, raw, record.expiration_time, get_dht_time()) is None

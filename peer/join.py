@@ -94,9 +94,10 @@ def state_from_quorum(node, manifest: RunManifest, layout: StateLayout, clock: R
             continue
         if record.run_id == manifest.run_id and record.p2p_id == p2p_id and progress_problem(record, now=now, clock=clock) is None:
             records.append(record)
-    quorum = quorum_state(records, exclude=own_peer_id)
+    quorum = quorum_state(records, exclude=own_peer_id, asked=len(asked))
     if quorum is None:
-        raise VerificationError(f"no state is vouched for by a majority of the {len(records)} peers that answered")
+        raise VerificationError(f"no state is vouched for by a majority of the {len(asked)} peers asked "
+                                f"({len(records)} answered)")
     deadline, failures = time.monotonic() + timeout, []
     for donor in random.sample(quorum.donors, len(quorum.donors)):
         remaining = deadline - time.monotonic()
@@ -106,12 +107,17 @@ def state_from_quorum(node, manifest: RunManifest, layout: StateLayout, clock: R
             _, record_bytes, tensors = node.download_state(root=quorum.root, numel=layout.size, donors=[donor],
                                                            timeout=remaining)
             start = state_from_peer(record_bytes, tensors, manifest, layout)
+            record = PeerProgress.from_bytes(record_bytes)
+            # the round travels in the donor's record, not in the tensors: it must be the quorum's too
+            if (record.round, record.state_root, record.p2p_id) != (quorum.round, quorum.root, donor):
+                raise VerificationError(f"state from {donor} is of round {record.round}, root "
+                                        f"{record.state_root[:16]}, not the quorum's {quorum.round}, {quorum.root[:16]}")
             if start.state.root(layout) != quorum.root:
                 raise HashMismatch(f"state from {donor} is not the quorum's root {quorum.root[:16]}")
         except (TransportError, DeadlineExceeded, VerificationError, MalformedRecord) as error:
             failures.append(str(error))  # this donor failed: the next one is asked
             continue
-        return StartingState(start.state, f"{start.source}, vouched for by {quorum.vouchers} of {len(records)} peers")
+        return StartingState(start.state, f"{start.source}, vouched for by {quorum.vouchers} of {len(asked)} peers asked")
     raise TransportError(f"none of the {len(quorum.donors)} donors of state {quorum.root[:16]} served it: "
                          + "; ".join(failures[:2]))
 

@@ -378,14 +378,18 @@ class PeerProcess:
         with self.log_path.open("a") as log:
             log.write(json.dumps(entry) + "\n")
 
-    def _advance(self, settled: Settled, *, in_flight: bool) -> None:
+    def _advance(self, settled: Settled, *, in_flight: bool) -> str | None:
+        """Apply the round; returns why its outer step was refused (the round is then void), or None."""
         self.before = self.trainer.state.copy()
-        self.trainer.advance(settled.update, in_flight=in_flight)
+        return self.trainer.advance(settled.update, in_flight=in_flight)
 
     def _settled(self, flight: _InFlight, settled: Settled, *, in_flight: bool, idle: float = 0.0) -> None:
         """Apply a settled round (or note that this peer is out of step), publish, report."""
-        if settled.failure is None:
-            self._advance(settled, in_flight=in_flight)
+        if settled.failure is None and (refused := self._advance(settled, in_flight=in_flight)) is not None:
+            # every peer computes the same update, so every peer refuses the same step: the round is void
+            if settled.entered and flight.announced is not None:
+                self.exchanger.take_back(flight.announced)
+            settled = dataclasses.replace(settled, entered=False, void=f"the outer step was refused ({refused})")
         work = flight.announced.work if flight.announced is not None else None
         if work is not None and settled.entered:
             self.samples += work.samples

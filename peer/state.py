@@ -62,6 +62,8 @@ class RoundState:
     round: int
     parameters: torch.Tensor
     momentum: torch.Tensor
+    void: str | None = None
+    """Set by ``outer_step`` when it refused the round's step (why): the state is the previous one's."""
 
     def named(self, layout: StateLayout) -> dict[str, torch.Tensor]:
         """The tensors a joiner receives, by their canonical names."""
@@ -88,8 +90,8 @@ def outer_step(state: RoundState, update: torch.Tensor | None, *, lr: float, mom
     moment = state.momentum.mul(momentum).add_(update)
     step = update + momentum * moment if nesterov else moment
     moved = RoundState(state.round + 1, state.parameters - lr * step, moment)
-    if state_problem(moved.parameters, moved.momentum) is not None:
+    if (problem := state_problem(moved.parameters, moved.momentum)) is not None:
         # not finite, or beyond MAX_PARAMETER: the round is void (the same on every peer, since
         # every peer computes the same update); never a poisoned consensus
-        return RoundState(state.round + 1, state.parameters.clone(), state.momentum.clone())
+        return RoundState(state.round + 1, state.parameters.clone(), state.momentum.clone(), void=problem)
     return moved

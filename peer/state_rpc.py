@@ -47,7 +47,10 @@ _CHUNK_BYTES = 1 << 20
 _RECORD_SECONDS = 5.0
 """How long a peer may take to say which state it holds."""
 _FLOOR_BYTES_PER_SECOND = 2_000_000
-"""A donor slower than this (beyond a 10 s start) is left for the next one."""
+"""A donor slower than this (beyond a 10 s start) is left for the next one; a caller reading slower
+is cut off by the donor (10 s plus the state at this rate), so it cannot hold an upload slot."""
+_HOST_SECONDS = 30.0
+"""How long the peer's process may take to hand its state to the averager process."""
 
 
 class StateServing:
@@ -78,11 +81,14 @@ class StateServing:
             self._state_uploads = asyncio.Semaphore(STATE_UPLOADS)
         if self._state_uploads.locked() or len(request.group_id) != 32:
             return
-        async with self._state_uploads:
+        async with self._state_uploads, asyncio.timeout(_HOST_SECONDS) as deadline:
+            # a caller that stops reading cannot hold an upload slot for longer than a slow reader may
             metadata, tensors, _ = await self._get_current_state_from_host_process()
             record = MSGPackSerializer.loads(metadata) if metadata else None
             if not isinstance(record, bytes) or len(tensors) != 2 or _root_of(record) != request.group_id.hex():
                 return
+            size = sum(4 * t.numel() for t in tensors)
+            deadline.reschedule(asyncio.get_running_loop().time() + 10.0 + size / _FLOOR_BYTES_PER_SECOND)
             yield averaging_pb2.DownloadData(metadata=record)
             for tensor in tensors:
                 raw = tensor.contiguous().numpy().tobytes()

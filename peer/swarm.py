@@ -356,7 +356,7 @@ class SwarmNode:
                 initial_peers=list(initial_peers),
                 host_maddrs=list(host_maddrs),
                 identity_path=identity_path,
-                check_if_identity_free=False,  # hivemind's check reads RSA identities only
+                check_if_identity_free=identity is None,  # hivemind's check reads RSA identities only
                 record_validators=[SignedRecordValidator()],
                 start=True,
             )

@@ -182,10 +182,11 @@ class Trainer:
         self.apply_outer(outer_gradient)  # θ', the round counter and momentum; x_r = θ'
         self._write_parameters(self.round_start + progress)
 
-    def advance(self, update: torch.Tensor | None, *, in_flight: bool = False) -> None:
+    def advance(self, update: torch.Tensor | None, *, in_flight: bool = False) -> str | None:
         """Move the consensus one round with the round's combined update (None: nobody contributed;
         ``peer.state.outer_step``). ``in_flight``: as ``apply_outer_in_flight``, keep the progress
-        made since this round's steps started; otherwise start over at the new consensus."""
+        made since this round's steps started; otherwise start over at the new consensus. Returns
+        why the step was refused (the round is then void: ``peer.state.outer_step``), or None."""
         progress = -self.outer_gradient() if in_flight else None
         training = self.config.training
         self.state = outer_step(self.state, update, lr=training.outer_lr, momentum=training.outer_momentum,
@@ -193,3 +194,4 @@ class Trainer:
         self._start_at(self.state.parameters)
         if progress is not None:
             self._write_parameters(self.round_start + progress)
+        return self.state.void

@@ -8,7 +8,7 @@ the same records here, with no I/O and no hivemind, so each hostile input is a u
                        ``CLOCK_SKEW``), or at a round the run's clock has not reached
     plausible_samples  the samples a record can honestly claim (clamped, never beyond 2**53)
     swarm_round        the round the live peers are at: the median of distinct peers, not the max
-    quorum_state       the (round, state root) a quorum of distinct peers vouches for, and
+    quorum_state       the (round, state root) a strict majority of the peers asked vouches for, and
                        whom to download it from (only the peers whose signed records name it)
     state_problem      a state is refused: not finite, or a value beyond ``MAX_PARAMETER``
     dht_record_problem a value is refused by a DHT node: not one of our signed records, under
@@ -129,13 +129,14 @@ class QuorumState:
     vouchers: int
 
 
-def quorum_state(records: Sequence[PeerProgress], *, exclude: str = "") -> QuorumState | None:
-    """The highest (round, state root) that a strict majority of the distinct peers in ``records``
-    names in their signed records; None when no state has a majority. ``records`` must be
+def quorum_state(records: Sequence[PeerProgress], *, exclude: str = "", asked: int = 0) -> QuorumState | None:
+    """The (round, state root) that a strict majority of the peers asked names in their signed
+    records; None when no state has one. ``asked``: how many peers were asked (a peer that did not
+    answer does not vouch; at least the distinct peers in ``records``). ``records`` must be
     verified and believed (``progress_problem``); ``exclude`` is the reader's own peer id.
 
     One record per peer id counts (its latest round), and one per libp2p id, so a peer cannot
-    vouch twice; a tie between states goes to more vouchers, then the smaller root."""
+    vouch twice. Two states cannot both hold a strict majority, so there is no tie."""
     by_peer: dict[str, PeerProgress] = {}
     for record in records:
         if record.peer_id == exclude:
@@ -151,11 +152,11 @@ def quorum_state(records: Sequence[PeerProgress], *, exclude: str = "") -> Quoru
             continue
         seen_p2p.add(record.p2p_id)
         vouching[(record.round, record.state_root)].append(record)
-    need = quorum_size(len(seen_p2p))
+    need = quorum_size(max(asked, len(seen_p2p)))
     held = [(key, voters) for key, voters in vouching.items() if len(voters) >= need]
     if not held:
         return None
-    (round_, root), voters = min(held, key=lambda item: (-item[0][0], -len(item[1]), item[0][1]))
+    (round_, root), voters = held[0]
     return QuorumState(round_, root, tuple(v.p2p_id for v in voters), len(voters))
 
 
@@ -191,18 +192,25 @@ def clip_scales(norms: Sequence[float], ratio: float = CLIP_RATIO) -> list[float
     return scales
 
 
-MAX_TTL = {"manifest": 600.0, "progress": 120.0, "announcement": 86400.0}
-"""The longest a record of each kind may be stored for in the DHT (seconds from now, plus
-``CLOCK_SKEW``): a hostile store cannot pin a record for longer."""
+MAX_TTL = {"manifest": 600.0, "progress": 120.0, "announcement": 12 * 86400.0 + 60.0}
+"""The longest a record of each kind may be stored for in the DHT (seconds from its signing, plus
+``CLOCK_SKEW``): a hostile store cannot pin a record for longer. An announcement lives 12 rounds
+plus a minute (``peer.rounds.ANNOUNCE_ROUNDS``), and a round may last up to a day."""
 
 
-def dht_record_problem(subkey: str | None, raw: object, expires_in: float) -> str | None:
+def dht_record_problem(subkey: str | None, raw: object, expiration: float, now: float) -> str | None:
     """Why a value offered to this node's DHT storage (or returned by another node) is refused,
     or None. Values are Barnraise's signed records only: a signed manifest (no subkey), or a
-    peer's progress record or round announcement stored under its own peer id as subkey, each
-    verified, within ``wire.MAX_RECORD_BYTES``, and expiring within ``MAX_TTL`` of its kind."""
+    peer's progress record or round announcement stored under its own peer id as subkey, naming
+    its own libp2p id, verified, within ``wire.MAX_RECORD_BYTES``. A record's expiry may lie at
+    most ``MAX_TTL`` of its kind plus ``CLOCK_SKEW`` after the time it was signed at (the storer's
+    clock on both sides, so readers whose clocks differ agree), and no value's at most that plus
+    ``10 × CLOCK_SKEW`` after this node's ``now`` (a loose bound: hivemind refuses a whole
+    dictionary of records when one of them fails, so a tight clock-dependent check would let one
+    peer hide a round's records from readers whose clocks run behind)."""
     if not isinstance(raw, bytes):
         return "not bytes"
+    signed_at = None
     try:
         if subkey is None:
             SignedManifest.from_bytes(raw).verify()
@@ -218,8 +226,11 @@ def dht_record_problem(subkey: str | None, raw: object, expires_in: float) -> st
                 return f"stored under subkey {subkey[:16]!r}, signed by {record.peer_id}"
             if (problem := binding_problem(record)) is not None:
                 return problem
+            signed_at = record.time
     except BarnraiseError as error:
         return f"not a valid signed record: {error}"
-    if expires_in > MAX_TTL[kind] + CLOCK_SKEW:
-        return f"{kind} asks to be kept {expires_in:.0f} s, more than {MAX_TTL[kind]:.0f} s"
+    if signed_at is not None and expiration - signed_at > MAX_TTL[kind] + CLOCK_SKEW:
+        return f"{kind} signed at {signed_at:.0f} asks to be kept until {expiration:.0f}, more than {MAX_TTL[kind]:.0f} s"
+    if expiration - now > MAX_TTL[kind] + 10 * CLOCK_SKEW:
+        return f"{kind} asks to be kept {expiration - now:.0f} s, more than {MAX_TTL[kind]:.0f} s"
     return None

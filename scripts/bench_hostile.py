@@ -24,6 +24,8 @@ from bench.hostile_run import run_behaviour, summarise  # noqa: E402
 
 GOAL = 0.05
 """The held-out loss of a hostile run may be at most this much above the clean run's."""
+ROUND_SECONDS, ROUND_DEADLINE = 8.0, 30.0
+"""The runs' W and ``round_deadline_seconds`` (the manifest's defaults): no stall may last longer."""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for behaviour, count in plan:
         workdir = args.workdir / f"{behaviour}-{count}"
         summary = run_behaviour(behaviour, count, workdir, minutes=minutes)
-        rows.append(dataclasses.asdict(summarise(summary, workdir, 8.0)))
+        rows.append(dataclasses.asdict(summarise(summary, workdir, ROUND_SECONDS)))
         (workdir / "row.json").write_text(json.dumps(rows[-1]))  # kept, should a later run be cut short
         print(f"ran {behaviour} ({count} of 5 hostile): last checkpoint round {rows[-1]['checkpoint_round']}",
               flush=True)
@@ -58,10 +60,10 @@ def main(argv: list[str] | None = None) -> int:
         row["vs_clean"] = loss / clean if loss is not None and clean else None
         shown = "n/a" if row["vs_clean"] is None else f"{row['vs_clean']:.3f}"
         print(f"{row['behaviour']:<11} {row['hostile']:>5}/5 {'n/a' if loss is None else f'{loss:.3f}':>7} "
-              f"{shown:>8} {row['local_rounds']:>5} {row['longest_stall_rounds'] * 8:>7} {row['forks']:>5} "
+              f"{shown:>8} {row['local_rounds']:>5} {row['longest_stall_rounds'] * ROUND_SECONDS:>7.0f} {row['forks']:>5} "
               f"{row['crashed']:>5} {row['hostile_roots']:>13}  {row['joiner'] or ''}")
     met = all(r["vs_clean"] is not None and r["vs_clean"] <= 1 + GOAL and r["crashed"] == 0 and r["hostile_roots"] == 0
-              and r["longest_stall_rounds"] <= 1 for r in rows if r["hostile"] == 1)
+              and r["longest_stall_rounds"] * ROUND_SECONDS <= ROUND_DEADLINE for r in rows if r["hostile"] == 1)
     print(json.dumps({"rows": rows, "goal_met_1_of_5": met}))
     return 0
 

@@ -29,6 +29,8 @@ from protocol.signing import SigningKey, key_id
 pytestmark = pytest.mark.swarm
 
 NUMEL = 4096
+_silent = "12D3KooWA1111111111111111111111111111111111111111111"
+"""A well-formed libp2p id nobody holds: asked, it never answers."""
 LAYOUT = StateLayout(("w",), (torch.Size([NUMEL]),))
 
 
@@ -86,7 +88,7 @@ def test_a_joiner_takes_the_quorum_state_and_passes_over_hostile_donors(monkeypa
                                   candidates=candidates, timeout=30.0)
         assert start.state.round == 9 and start.state.root(LAYOUT) == honest_state.root(LAYOUT)
         assert torch.equal(start.state.parameters, honest_state.parameters)
-        assert "vouched for by 4 of 5 peers" in start.source, start.source
+        assert "vouched for by 4 of 5 peers asked" in start.source, start.source
         assert start.source.startswith("round 9 from peer ") and key_id(keys[3].public_key_hex) not in start.source
         # the liar alone as donor: its NaNs hash to another root, so nothing is adopted
         with pytest.raises(VerificationError):
@@ -99,6 +101,20 @@ def test_a_joiner_takes_the_quorum_state_and_passes_over_hostile_donors(monkeypa
                                   timeout=30.0)
         assert start.state.root(LAYOUT) == honest_state.root(LAYOUT)
         assert key_id(keys[0].public_key_hex) not in start.source, start.source
+        # a donor that vouches for the quorum's round but serves the right tensors under a record of a
+        # far later round (the root covers the tensors, not the round): passed over too
+        forged_round = _record(keys[1], manifest, nodes[1], honest_state, round=10**6)
+        served[1] = (forged_round.to_bytes(), [honest_state.parameters, honest_state.momentum])
+        monkeypatch.setattr("peer.join.random.sample", lambda seq, k: sorted(seq, key=lambda p: (
+            p != nodes[0].p2p_id, p != nodes[1].p2p_id))[:k])
+        start = state_from_quorum(joiner, manifest, LAYOUT, clock, own_peer_id="", candidates=candidates[:3],
+                                  timeout=30.0)
+        assert start.state.round == 9 and key_id(keys[2].public_key_hex) in start.source, start.source
+        # one answer of three asked is no majority: not even an honest donor's word is enough
+        with pytest.raises(VerificationError, match="majority of the 3 peers asked"):
+            state_from_quorum(joiner, manifest, LAYOUT, clock, own_peer_id="",
+                              candidates=[nodes[2].p2p_id, "12D3KooWMNViDdDTJu4EGNHDDgXTXV4HEV24CZUhWNLELypLeusp",
+                                          _silent], timeout=10.0)
     finally:
         for node in nodes:
             node.shutdown()

@@ -98,6 +98,14 @@ def test_no_quorum_without_a_majority_and_one_libp2p_id_vouches_once():
     assert quorum is not None and quorum.root == ROOT_A
 
 
+def test_peers_asked_that_did_not_answer_do_not_vouch():
+    one = [progress(KEYS[0], root=ROOT_A)]
+    assert quorum_state(one, asked=3) is None  # one answer of three asked: no majority
+    assert quorum_state(one, asked=1) is not None  # the only peer asked (a swarm of two)
+    two = [progress(k, root=ROOT_A) for k in KEYS[:2]]
+    assert quorum_state(two, asked=3) is not None and quorum_state(two, asked=4) is None
+
+
 def test_the_reader_does_not_vouch_for_itself():
     own = progress(KEYS[0], root=ROOT_B)
     others = [progress(k, root=ROOT_A) for k in KEYS[1:3]]
@@ -119,10 +127,10 @@ def test_a_poisoned_state_is_refused(poison, needle):
 def test_an_outer_step_that_would_poison_the_state_voids_the_round():
     state = RoundState(5, torch.ones(32), torch.zeros(32))
     honest = outer_step(state, torch.full((32,), 0.01), lr=0.7, momentum=0.9, nesterov=True)
-    assert honest.round == 6 and not torch.equal(honest.parameters, state.parameters)
+    assert honest.round == 6 and not torch.equal(honest.parameters, state.parameters) and honest.void is None
     for update in (torch.full((32,), 1e30), torch.full((32,), float("nan"))):
         voided = outer_step(state, update, lr=0.7, momentum=0.9, nesterov=True)
-        assert voided.round == 6
+        assert voided.round == 6 and voided.void is not None  # said, so the peer reports a void round
         assert torch.equal(voided.parameters, state.parameters) and torch.equal(voided.momentum, state.momentum)
 
 
@@ -223,23 +231,27 @@ def test_a_record_naming_another_peers_libp2p_id_is_not_believed():
     problem = progress_problem(spoofed, now=NOW, clock=CLOCK)
     assert problem is not None and "names libp2p id" in problem
     own = key_id(KEYS[0].public_key_hex)
-    assert "names libp2p id" in dht_record_problem(own, spoofed.to_bytes(), 100.0)
+    assert "names libp2p id" in dht_record_problem(own, spoofed.to_bytes(), NOW + 100, NOW)
     assert libp2p_id_of("ab" * 32) == "12D3KooWMNViDdDTJu4EGNHDDgXTXV4HEV24CZUhWNLELypLeusp"  # base58 of the multihash
 
 
 def test_the_dht_keeps_only_signed_records_under_their_signers_id_for_a_bounded_time():
-    record, announcement = progress(KEYS[0]), _announcement(KEYS[0])
+    record, announcement = progress(KEYS[0]), _announcement(KEYS[0])  # both signed at NOW
     own = key_id(KEYS[0].public_key_hex)
-    assert dht_record_problem(own, record.to_bytes(), 100.0) is None
-    assert dht_record_problem(own, announcement.to_bytes(), 600.0) is None
-    assert "subkey" in dht_record_problem(key_id(KEYS[1].public_key_hex), record.to_bytes(), 100.0)
-    assert "kept" in dht_record_problem(own, record.to_bytes(), 10**7)
-    assert "not a valid signed record" in dht_record_problem(own, b"\x81\xa1x\x01", 100.0)
-    assert dht_record_problem(own, 12345, 100.0) == "not bytes"
+    assert dht_record_problem(own, record.to_bytes(), NOW + 120, NOW) is None
+    assert dht_record_problem(own, announcement.to_bytes(), NOW + 600, NOW) is None
+    assert "subkey" in dht_record_problem(key_id(KEYS[1].public_key_hex), record.to_bytes(), NOW + 100, NOW)
+    assert "kept" in dht_record_problem(own, record.to_bytes(), NOW + 10**7, NOW)
+    # an old record re-stored with a fresh expiry: refused, and the same on a reader whose clock
+    # runs a minute behind (the bound is from the signed time, not the reader's clock)
+    assert "signed at" in dht_record_problem(own, record.to_bytes(), NOW + 1000, NOW + 900)
+    assert dht_record_problem(own, record.to_bytes(), NOW + 140, NOW - 60) is None
+    assert "not a valid signed record" in dht_record_problem(own, b"\x81\xa1x\x01", NOW + 100, NOW)
+    assert dht_record_problem(own, 12345, NOW + 100, NOW) == "not bytes"
     tampered = bytearray(record.to_bytes())
     tampered[-3] ^= 1
-    assert dht_record_problem(own, bytes(tampered), 100.0) is not None
-    assert "not a valid signed record" in dht_record_problem(None, record.to_bytes(), 100.0)  # not a manifest
+    assert dht_record_problem(own, bytes(tampered), NOW + 100, NOW) is not None
+    assert "not a valid signed record" in dht_record_problem(None, record.to_bytes(), NOW + 100, NOW)  # not a manifest
 
 
 # --- the coordinator's tracker
