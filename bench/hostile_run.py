@@ -83,7 +83,7 @@ def _state_root(folder: Path) -> str | None:
     return checkpoint_root(named)
 
 
-def summarise(summary: dict[str, Any], workdir: Path, round_seconds: float) -> HostileRow:
+def summarise(summary: dict[str, Any], workdir: Path) -> HostileRow:
     hostile = summary["hostile_count"]
     ledger = entries_from_jsonl((workdir / "coordinator" / "ledger.jsonl").read_text())
     last = ledger[-1]

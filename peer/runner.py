@@ -193,8 +193,7 @@ class PeerProcess:
 
     def _from_peers(self, sha256: str, size: int, destination: Path) -> None:
         """A blob source: the live peers of the run, asked in turn (their records name their libp2p ids)."""
-        own = self.node.p2p_id
-        holders = [r.p2p_id for r in read_progress(self.node, self.run_id, clock=self.clock).alive() if r.p2p_id != own]
+        holders = self._live_peers()
         random.shuffle(holders)  # peers do not all queue at the same holder
         if not holders:
             raise TransportError("no live peer found to ask")
@@ -304,10 +303,14 @@ class PeerProcess:
                 time.sleep(1.0)
         return None
 
+    def _live_peers(self) -> list[str]:
+        """libp2p ids of the other live peers, from their believed progress records."""
+        own = self.node.p2p_id
+        return [r.p2p_id for r in read_progress(self.node, self.run_id, clock=self.clock).alive() if r.p2p_id != own]
+
     def _quorum_state(self) -> StartingState:
         """The state a majority of the live peers vouches for, from one of them (``state_from_quorum``)."""
-        own = self.node.p2p_id
-        candidates = [r.p2p_id for r in read_progress(self.node, self.run_id, clock=self.clock).alive() if r.p2p_id != own]
+        candidates = self._live_peers()
         timeout = self.manifest.config.averaging.round_deadline_seconds + 8 * self.trainer.layout.size / 1e6
         return state_from_quorum(self.node, self.manifest, self.trainer.layout, self.clock, own_peer_id=self.peer_id,
                                  candidates=candidates, timeout=timeout)

@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     for behaviour, count in plan:
         workdir = args.workdir / f"{behaviour}-{count}"
         summary = run_behaviour(behaviour, count, workdir, minutes=minutes)
-        rows.append(dataclasses.asdict(summarise(summary, workdir, ROUND_SECONDS)))
+        rows.append(dataclasses.asdict(summarise(summary, workdir)))
         (workdir / "row.json").write_text(json.dumps(rows[-1]))  # kept, should a later run be cut short
         print(f"ran {behaviour} ({count} of 5 hostile): last checkpoint round {rows[-1]['checkpoint_round']}",
               flush=True)
