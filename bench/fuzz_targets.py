@@ -2,6 +2,9 @@
 
     peer_progress        PeerProgress.from_bytes(raw).verify()              (DHT, from any peer)
     round_announcement   RoundAnnouncement.from_bytes(raw).verify()         (DHT, from any peer)
+    payload_receipt      PayloadReceipt.from_bytes(raw).verify()            (DHT, from any peer)
+    join_token           JoinToken.from_bytes(raw).verify(key)              (RPC requests, HTTP, DHT)
+    sealed_record        policy.dht_record_problem of a private run         (DHT, from any node)
     ledger_entry         LedgerEntry.from_bytes, verify_link to the seed chain
     ledger_jsonl         entries_from_jsonl (as the client decodes it), verify_chain
     signed_manifest      SignedManifest.from_bytes(raw).verify(key), run_id
@@ -39,7 +42,7 @@ from bench import fuzz_inputs as inputs
 from bench.fuzz import Broken, Target
 from protocol.codecs import encode, parse_codec, parse_payload
 from protocol.data_index import DataIndex, Shard, SignedDataIndex, round_shard
-from protocol.errors import BarnraiseError
+from protocol.errors import BarnraiseError, MalformedRecord
 from protocol.ledger import entries_from_jsonl, entry_to_json, next_entry, verify_chain, verify_link
 from protocol.manifest import (
     AveragingConfig,
@@ -50,8 +53,21 @@ from protocol.manifest import (
     SignedManifest,
     TrainingConfig,
 )
-from protocol.records import Contribution, FileRecord, LedgerEntry, PeerProgress, RoundAnnouncement
-from protocol.signing import SigningKey
+from protocol.multiaddr import libp2p_id_of
+from protocol.policy import Admission, dht_record_problem
+from protocol.records import (
+    SEALED_BYTES,
+    Contribution,
+    FileRecord,
+    JoinToken,
+    LedgerEntry,
+    PayloadReceipt,
+    PeerProgress,
+    RoundAnnouncement,
+    seal,
+    unseal,
+)
+from protocol.signing import SigningKey, key_id
 from protocol.wire import canonical_bytes
 
 __all__ = ["TARGET_NAMES", "builders", "select"]
@@ -88,7 +104,7 @@ def _resign_peer_record(cls: type) -> Callable[[Any], Any]:
             record = cls.from_wire(tree)
             if record.peer_key != PEER.public_key_hex:
                 return tree
-            return dict(tree, signature=PEER.sign(canonical_bytes(record.unsigned_wire())))
+            return dict(tree, signature=PEER.sign(cls.DOMAIN + canonical_bytes(record.unsigned_wire())))
         except Exception:  # noqa: BLE001 - unsigned then: the decoder meets (and reports) the same error
             return tree
     return resign
@@ -145,6 +161,64 @@ def _announcement_target() -> Target:
     keys = _field_names(RoundAnnouncement)
     return Target("round_announcement", lambda raw: RoundAnnouncement.from_bytes(raw).verify(), seeds,
                   inputs.msgpack_mutator(keys, _resign_peer_record(RoundAnnouncement)), max_bytes=300_000)
+
+
+def _receipt_target() -> Target:
+    seeds = [PayloadReceipt.signed(PEER, run_id=RUN_ID, round=r, base_root=_hex(f"b{r}"),
+                                   held=sorted(_hex(f"h{r}{i}") for i in range(n)), p2p_id="12D3KooWfuzz",
+                                   time=1.7e9).to_bytes()
+             for r, n in ((0, 0), (41, 3), (2**40 - 1, 16))]
+    keys = _field_names(PayloadReceipt)
+    return Target("payload_receipt", lambda raw: PayloadReceipt.from_bytes(raw).verify(), seeds,
+                  inputs.msgpack_mutator(keys, _resign_peer_record(PayloadReceipt)), max_bytes=300_000)
+
+
+def _resign_token(tree: Any) -> Any:
+    try:
+        token = JoinToken.from_wire(tree)
+        if token.signer != COORDINATOR.public_key_hex:
+            return tree
+        return dict(tree, signature=COORDINATOR.sign(JoinToken.DOMAIN + canonical_bytes(token.unsigned_wire())))
+    except Exception:  # noqa: BLE001 - as above
+        return tree
+
+
+def _tokens() -> list[bytes]:
+    return [JoinToken.issue(COORDINATOR, run_id=RUN_ID, peer_key=PEER.public_key_hex, expires=e).to_bytes()
+            for e in (0.0, 1.7e9, 4e9)]
+
+
+def _token_target() -> Target:
+    return Target("join_token", lambda raw: JoinToken.from_bytes(raw).verify(COORDINATOR.public_key_hex), _tokens(),
+                  inputs.msgpack_mutator(_field_names(JoinToken), _resign_token), max_bytes=8192)
+
+
+def _sealed_target() -> Target:
+    admission = Admission(RUN_ID, COORDINATOR.public_key_hex)
+    record = PeerProgress.signed(
+        PEER, run_id=RUN_ID, round=7, samples=10, loss=2.5, samples_per_second=1.0, averaged_with=1, averaged=False,
+        network_seconds=0.0, state_root=_hex("s"), p2p_id=libp2p_id_of(PEER.public_key_hex), maddrs=[],
+        time=1.7e9).to_bytes()
+    seeds = [seal(record, token) for token in _tokens()] + [seal(record, b"")]
+    subkey = key_id(PEER.public_key_hex)
+
+    def check(raw: bytes) -> None:
+        problem = dht_record_problem(subkey, raw, 1.7e9 + 60, 1.7e9, admission)
+        if problem is not None:
+            raise MalformedRecord(problem)
+
+    token_mutate = inputs.msgpack_mutator(_field_names(JoinToken), _resign_token)
+    record_mutate = inputs.msgpack_mutator(_field_names(PeerProgress), _resign_peer_record(PeerProgress))
+
+    def mutate(rng, seed: bytes, pool) -> bytes:  # one side of a valid seal, structure-aware; resealed as is
+        record, token = unseal(seed)
+        if rng.random() < 0.5:
+            token = token_mutate(rng, token, _tokens())
+        else:
+            record = record_mutate(rng, record, [record])
+        return b"BRSEAL1" + (len(token) & 0xFFFF).to_bytes(2, "big") + token + record
+
+    return Target("sealed_record", check, seeds, mutate, max_bytes=SEALED_BYTES + 1024)
 
 
 def _ledger_chain() -> list[LedgerEntry]:
@@ -475,6 +549,9 @@ def _http_target(endpoint: str) -> Target:
 _BUILDERS: dict[str, Callable[[], Target]] = {
     "peer_progress": _progress_target,
     "round_announcement": _announcement_target,
+    "payload_receipt": _receipt_target,
+    "join_token": _token_target,
+    "sealed_record": _sealed_target,
     "ledger_entry": _ledger_entry_target,
     "ledger_jsonl": _ledger_jsonl_target,
     "signed_manifest": _manifest_target,

@@ -1,5 +1,6 @@
 """``barnraise-coordinator launch RUN.toml [--workdir DIR]``: launch or resume a run.
-``barnraise-coordinator export --workdir DIR [--round N] OUT``: a checkpoint as a Hugging Face folder."""
+``barnraise-coordinator export --workdir DIR [--round N] OUT``: a checkpoint as a Hugging Face folder.
+``barnraise-coordinator admit --workdir DIR KEY [--days N]``: let a volunteer key join a private run."""
 
 from __future__ import annotations
 
@@ -27,6 +28,11 @@ def _parser() -> OneLineParser:
     export.add_argument("out", type=Path, metavar="OUT", help="the folder to write (must not exist, or be empty)")
     export.add_argument("--workdir", type=Path, default=Path("barnraise-run"), help="the run's coordinator folder")
     export.add_argument("--round", type=int, metavar="N", help="the checkpoint of round N (default: the latest)")
+    admit = commands.add_parser("admit", help="issue a join token of a private run for a volunteer's public key")
+    admit.add_argument("key", metavar="KEY", help="the volunteer's public key: 64 hex digits (barnraise-peer key "
+                       "prints it) or a PEM file")
+    admit.add_argument("--workdir", type=Path, default=Path("barnraise-run"), help="the run's coordinator folder")
+    admit.add_argument("--days", type=float, default=365.0, help="days the token admits for (default 365)")
     return parser
 
 
@@ -36,7 +42,22 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    return _export(args) if args.command == "export" else _launch(args)
+    return {"export": _export, "admit": _admit}.get(args.command, _launch)(args)
+
+
+def _admit(args: argparse.Namespace) -> int:
+    from coordinator.admission import admit
+
+    token, path = admit(args.workdir, args.key, days=args.days)
+    print(f"admitted key {token.peer_id} to run {token.run_id} until {_date(token.expires)} ({path})")
+    print("its peer fetches the token from this coordinator when it joins (or give it the file: --token FILE)")
+    return 0
+
+
+def _date(moment: float) -> str:
+    import datetime
+
+    return datetime.datetime.fromtimestamp(moment, tz=datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
 
 
 def _export(args: argparse.Namespace) -> int:

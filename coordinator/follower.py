@@ -47,8 +47,8 @@ class Follower:
         """Why the latest round could not be replayed (retried next time), or None."""
 
     def next_due(self) -> float:
-        """Unix time at which the next round can be replayed."""
-        return self.clock.decided(self.state.round) + _MARGIN
+        """Unix time at which the next round can be replayed (its receipts are read)."""
+        return self.clock.receipts_read(self.state.round) + _MARGIN
 
     def lapsed(self, now: float) -> bool:
         """Whether the next round to replay is too old for its announcements to be in the DHT."""

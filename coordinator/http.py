@@ -15,6 +15,11 @@ every response here is either signed bytes, JSON Lines we already produce, or a 
     GET /checkpoints/r000042/model.safetensors   a checkpoint file
     GET /blobs/<sha256>  a file the manifest or the data index names by sha256 (model config,
                          tokenizer, data index, token shards); only those are in the folder
+    GET /token/<peer id> a private run's join token for that volunteer key (no secret: it admits
+                         only the holder of the key's private half)
+
+In a private run, checkpoint files and blobs are served only to a request signed by an admitted
+key (``protocol.policy.request_problem``): 403 with the reason otherwise.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ from pathlib import Path
 from aiohttp import web
 
 from protocol.multiaddr import BOOTSTRAP_MAX_ADDRESSES, checked_multiaddrs
+from protocol.policy import AUTH_HEADER
 
 __all__ = ["build_app", "HttpView"]
 
@@ -40,7 +46,9 @@ class HttpView:
 
     def __init__(self, *, manifest_bytes: bytes, manifest_json: dict, public_key_pem: bytes, checkpoints: Path,
                  ledger_jsonl: Callable[[], str], status: Callable[[], dict], bootstrap: Callable[[], list[str]],
-                 blobs: Path | None = None, recorded: Callable[[str], bool] = lambda folder: True):
+                 blobs: Path | None = None, recorded: Callable[[str], bool] = lambda folder: True,
+                 token: Callable[[str], bytes | None] = lambda peer_id: None,
+                 refused: Callable[[str | None, str], str | None] = lambda header, path: None):
         self.manifest_bytes = manifest_bytes
         self.manifest_json = manifest_json
         self.public_key_pem = public_key_pem
@@ -51,6 +59,10 @@ class HttpView:
         self.bootstrap = bootstrap
         self.recorded = recorded
         """Whether a checkpoint folder belongs to an entry of the ledger (only those are served)."""
+        self.token = token
+        """The join token issued for a peer id (private runs), or None."""
+        self.refused = refused
+        """Why a request (its ``AUTH_HEADER``, its path) for weights or data is refused, or None."""
 
 
 def build_app(view: HttpView) -> web.Application:
@@ -75,7 +87,18 @@ def build_app(view: HttpView) -> web.Application:
     async def ledger(_request: web.Request) -> web.Response:
         return web.Response(text=view.ledger_jsonl(), content_type="application/jsonl")
 
+    def gate(request: web.Request) -> None:
+        if (problem := view.refused(request.headers.get(AUTH_HEADER), request.path)) is not None:
+            raise web.HTTPForbidden(text=problem)
+
+    async def token(request: web.Request) -> web.Response:
+        issued = view.token(request.match_info["peer_id"])
+        if issued is None:
+            raise web.HTTPNotFound(text="no join token for that peer id (barnraise-coordinator admit KEY)")
+        return web.Response(body=issued, content_type="application/msgpack")
+
     async def checkpoint(request: web.Request) -> web.StreamResponse:
+        gate(request)
         folder, name = request.match_info["folder"], request.match_info["name"]
         if not _CHECKPOINT_DIR.match(folder) or not _CHECKPOINT_FILE.match(name):
             raise web.HTTPNotFound(text="no such checkpoint file")
@@ -85,6 +108,7 @@ def build_app(view: HttpView) -> web.Application:
         return web.FileResponse(path)
 
     async def blob(request: web.Request) -> web.StreamResponse:
+        gate(request)
         name = request.match_info["sha256"]
         if view.blobs is None or not _BLOB.match(name) or not (view.blobs / name).is_file():
             raise web.HTTPNotFound(text="no such blob")
@@ -99,4 +123,5 @@ def build_app(view: HttpView) -> web.Application:
     app.router.add_get("/ledger.jsonl", ledger)
     app.router.add_get("/checkpoints/{folder}/{name}", checkpoint)
     app.router.add_get("/blobs/{sha256}", blob)
+    app.router.add_get("/token/{peer_id}", token)
     return app

@@ -26,6 +26,7 @@ from pathlib import Path
 import uvloop
 from aiohttp import web
 
+from coordinator.admission import issued_token
 from coordinator.follower import Follower
 from coordinator.http import HttpView, build_app
 from coordinator.launch import LaunchedRun, prepare_run
@@ -45,6 +46,7 @@ from protocol.errors import (
 )
 from protocol.ledger import checkpoint_dir_name, next_entry
 from protocol.manifest import RunConfig
+from protocol.policy import Admission, request_problem
 from protocol.records import Contribution
 from protocol.signing import public_key_to_pem
 
@@ -165,6 +167,12 @@ class Coordinator:
 
     def http_view(self) -> HttpView:
         signed = self.run.signed
+        admission = Admission.of(signed.manifest)
+        workdir = self.options.workdir
+
+        def refused(header: str | None, path: str) -> str | None:
+            return None if admission is None else request_problem(header, path, admission, now=time.time())
+
         return HttpView(
             manifest_bytes=signed.to_bytes(),
             manifest_json=signed.to_wire(),
@@ -175,6 +183,8 @@ class Coordinator:
             status=lambda: self.tracker.status(self.run.ledger.head()),
             bootstrap=self.bootstrap,
             recorded=lambda folder: any(checkpoint_dir_name(e) == folder for e in self.run.ledger.entries()),
+            token=lambda peer_id: issued_token(workdir, peer_id) if admission is not None else None,
+            refused=refused,
         )
 
 
@@ -213,6 +223,9 @@ async def _serve(options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode,
         verb = "resumed" if run.resumed else "launched"
         coordinator.say(f"{verb} run {run.manifest.config.name} ({run.manifest.run_id}); ledger at entry {head.seq}, round {head.round}")
         coordinator.say(f"join with: barnraise-peer join --coordinator {url}")
+        if Admission.of(run.manifest) is not None:
+            coordinator.say(f"this run is private: admit each volunteer's key (barnraise-peer key prints it) with: "
+                            f"barnraise-coordinator admit --workdir {options.workdir} KEY")
         await _loop(coordinator, stop)
         coordinator.say("stopping")
     finally:
@@ -227,7 +240,8 @@ def serve(options: CoordinatorOptions) -> int:
     run = prepare_run(config, options.workdir, options.start_in, base=options.run_config.resolve().parent, on_line=say)
     try:
         # hivemind starts its processes from the main thread, before the event loop runs.
-        node, memory = start_bootstrap_node(options.workdir, options.host, run.signed, run.checkpoints.layout.size)
+        node, memory = start_bootstrap_node(options.workdir, options.host, run.signed, run.checkpoints.layout.size,
+                                            run.key)
         try:
             uvloop.run(_serve(options, run, node, memory))
         finally:

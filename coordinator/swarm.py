@@ -14,6 +14,8 @@ from protocol.codecs import parse_codec, payload_size
 from protocol.errors import TransportError
 from protocol.manifest import SignedManifest
 from protocol.multiaddr import checked_multiaddrs
+from protocol.policy import Admission
+from protocol.signing import SigningKey
 
 __all__ = ["start_bootstrap_node", "SwarmMemory", "SWARM_MEMORY_MAX_ADDRESSES"]
 
@@ -50,18 +52,20 @@ def _remembered(maddrs: list) -> list[str]:
     return list(checked_multiaddrs(maddrs, limit=SWARM_MEMORY_MAX_ADDRESSES).kept)
 
 
-def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vector_size: int) -> tuple[SwarmNode, SwarmMemory]:
-    """Start the DHT node peers bootstrap from (same identity and port as last time)."""
+def start_bootstrap_node(workdir: Path, host: str, signed: SignedManifest, vector_size: int,
+                         key: SigningKey) -> tuple[SwarmNode, SwarmMemory]:
+    """Start the DHT node peers bootstrap from (same identity and port as last time). Its libp2p
+    identity is the coordinator's key, so a private run's peers serve it without a join token."""
     memory = SwarmMemory(workdir / "swarm.json")
     host_maddrs = [f"/ip4/{host}/tcp/{memory.dht_port}"]
-    identity = str(workdir / "p2p.key")
+    admission = Admission.of(signed.manifest)
     try:
-        node = SwarmNode(initial_peers=memory.peer_maddrs, host_maddrs=host_maddrs, identity_path=identity)
+        node = SwarmNode(initial_peers=memory.peer_maddrs, host_maddrs=host_maddrs, identity=key, admission=admission)
     except TransportError:
         if not memory.peer_maddrs:
             raise
         # none of the peers seen last time answers: start a fresh swarm on the same identity and port
-        node = SwarmNode(initial_peers=[], host_maddrs=host_maddrs, identity_path=identity)
+        node = SwarmNode(initial_peers=[], host_maddrs=host_maddrs, identity=key, admission=admission)
     try:
         manifest = signed.manifest
         node.start_averager(

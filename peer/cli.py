@@ -1,4 +1,5 @@
-"""``barnraise-peer join (--coordinator URL | --initial-peers MULTIADDR...) [--workdir DIR]``."""
+"""``barnraise-peer join (--coordinator URL | --initial-peers MULTIADDR...) [--workdir DIR]``.
+``barnraise-peer key [--workdir DIR]``: this peer's public key (what a private run's coordinator admits)."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 from peer.lifeline import bind_children_to_this_process
 from protocol.cli import OneLineParser, run_command
+from protocol.errors import InputError
 from protocol.signing import public_key_from_pem
 
 __all__ = ["main"]
@@ -39,6 +41,10 @@ def _parser() -> OneLineParser:
                       help="windows per forward pass; gradients are accumulated up to the run's batch (default: all)")
     join.add_argument("--activation-checkpointing", action="store_true",
                       help="recompute activations in the backward pass: less memory, more compute")
+    join.add_argument("--token", type=Path, metavar="FILE",
+                      help="a private run's join token for this peer's key (default: fetched from --coordinator)")
+    key = commands.add_parser("key", help="print this peer's public key (created if there is none yet)")
+    key.add_argument("--workdir", type=Path, default=Path("barnraise-peer"), help="the peer's folder")
     return parser
 
 
@@ -78,9 +84,34 @@ def _pinned_key(value: str | None) -> str | None:
     return public_key_from_pem(value.encode())
 
 
+def _token_file(path: Path | None) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()[:4096]
+    except OSError as error:
+        raise InputError(f"--token {path}: {error.strerror or error}") from None
+
+
 def main(argv: list[str] | None = None) -> int:
     bind_children_to_this_process()  # a SIGKILLed peer leaves no DHT, averager or p2pd behind
-    return run_command("barnraise-peer", lambda: _join(_parser().parse_args(argv)))
+    return run_command("barnraise-peer", lambda: _dispatch(_parser().parse_args(argv)))
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    return _key(args) if args.command == "key" else _join(args)
+
+
+def _key(args: argparse.Namespace) -> int:
+    from peer.workdir import load_or_create_key
+    from protocol.signing import key_id
+
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    public = load_or_create_key(args.workdir / "peer.key").public_key_hex
+    print(public)
+    print(f"peer id {key_id(public)}; a private run's coordinator admits it with: "
+          f"barnraise-coordinator admit {public}", file=sys.stderr)
+    return 0
 
 
 def _join(args: argparse.Namespace) -> int:
@@ -102,6 +133,7 @@ def _join(args: argparse.Namespace) -> int:
         max_memory=args.max_memory,
         micro_batch=args.micro_batch,
         activation_checkpointing=args.activation_checkpointing,
+        token=_token_file(args.token),
         on_line=lambda line: print(line, flush=True),
     )
     return run_peer(options)

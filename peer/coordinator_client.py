@@ -38,7 +38,8 @@ from protocol.errors import DeadlineExceeded, InputError, MalformedRecord, Trans
 from protocol.ledger import entries_from_jsonl
 from protocol.manifest import SignedManifest
 from protocol.multiaddr import BOOTSTRAP_MAX_ADDRESSES, checked_multiaddrs
-from protocol.records import LedgerEntry
+from protocol.policy import AUTH_HEADER
+from protocol.records import MAX_TOKEN_BYTES, LedgerEntry
 from protocol.wire import MAX_RECORD_BYTES
 
 __all__ = ["CoordinatorClient", "BOOTSTRAP_MAX_BYTES", "LEDGER_MAX_BYTES"]
@@ -76,6 +77,8 @@ class CoordinatorClient:
         self._https = parts.scheme == "https"
         self._host, self._port = parts.hostname, port
         self._base = parts.path.rstrip("/")
+        self.auth: Callable[[str], str] | None = None
+        """A private run: the value of ``policy.AUTH_HEADER`` for a path (the join token, signed)."""
 
     def get(self, path: str, *, max_bytes: int) -> bytes:
         """The whole body of ``path``; ``TransportError`` when it is larger than ``max_bytes``."""
@@ -108,6 +111,15 @@ class CoordinatorClient:
             self.on_note(f"[peer] left out {len(checked.left_out)} of the {len(maddrs)} addresses at the "
                          f"coordinator's /bootstrap: {checked.left_out[0]}{more}")
         return list(checked.kept)
+
+    def token(self, peer_id: str) -> bytes | None:
+        """The join token the coordinator issued for ``peer_id`` in a private run, or None."""
+        try:
+            return self.get(f"/token/{peer_id}", max_bytes=MAX_TOKEN_BYTES)
+        except TransportError as error:
+            if " answered 404 " in f"{error} ":
+                return None
+            raise
 
     def ledger(self) -> list[LedgerEntry]:
         return entries_from_jsonl(self.get("/ledger.jsonl", max_bytes=LEDGER_MAX_BYTES).decode("utf-8", "replace"))
@@ -146,8 +158,10 @@ class CoordinatorClient:
     def _answer(self, connection: http.client.HTTPConnection, path: str, max_bytes: int,
                 watchdog: _Watchdog) -> Iterator[Iterator[bytes]]:
         try:
-            connection.request("GET", self._base + urllib.parse.quote(path, safe="/"),
-                               headers={"Accept-Encoding": "identity", "Connection": "close"})
+            headers = {"Accept-Encoding": "identity", "Connection": "close"}
+            if self.auth is not None:
+                headers[AUTH_HEADER] = self.auth(path)
+            connection.request("GET", self._base + urllib.parse.quote(path, safe="/"), headers=headers)
             response = connection.getresponse()
         except (OSError, http.client.HTTPException) as error:
             if watchdog.expired:

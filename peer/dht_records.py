@@ -12,8 +12,8 @@ from hivemind.dht.validation import DHTRecord, RecordValidatorBase
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.timed_storage import get_dht_time
 
-from protocol.policy import dht_record_problem
-from protocol.wire import MAX_RECORD_BYTES
+from protocol.policy import Admission, dht_record_problem
+from protocol.records import SEALED_BYTES
 
 __all__ = ["SignedRecordValidator"]
 
@@ -22,8 +22,14 @@ _ENVELOPE_BYTES = 64
 
 
 class SignedRecordValidator(RecordValidatorBase):
+    """``admission``: a private run's gate (records sealed with their signer's join token), set when
+    the node learns its run (``SwarmNode.admit``); None for a public run."""
+
+    def __init__(self, admission: Admission | None = None):
+        self.admission = admission
+
     def validate(self, record: DHTRecord) -> bool:
-        if len(record.value) > MAX_RECORD_BYTES + _ENVELOPE_BYTES or len(record.subkey) > 64:
+        if len(record.value) > SEALED_BYTES + _ENVELOPE_BYTES or len(record.subkey) > 64:
             return False
         try:
             raw = MSGPackSerializer.loads(record.value)
@@ -32,4 +38,4 @@ class SignedRecordValidator(RecordValidatorBase):
             return False
         if subkey is not None and not isinstance(subkey, str):
             return False
-        return dht_record_problem(subkey, raw, record.expiration_time, get_dht_time()) is None
+        return dht_record_problem(subkey, raw, record.expiration_time, get_dht_time(), self.admission) is None

@@ -5,7 +5,10 @@
               (served by sha256) and a signed ``RoundAnnouncement`` into the round's DHT key
     settle:   at the round's close plus the settle time, one read of that key; the contributor set
               is ``protocol.consensus.decide`` of what it holds; the members' payloads are fetched
-              from any holder and combined in canonical order (``protocol.averaging.combine``).
+              from any holder until the receipts are due, and a signed ``PayloadReceipt`` names
+              those this peer holds; one read of the receipts keeps the members some other peer
+              holds (``protocol.consensus.available``); their payloads are combined in canonical
+              order (``protocol.averaging.combine``).
               A peer whose payload was left out adds it back to its residual: the work waits for a
               later round, it is not lost.
 
@@ -15,6 +18,7 @@ The residual is part of the peer's local state, saved in the workdir after every
 
 from __future__ import annotations
 
+import dataclasses
 import random
 import time
 from dataclasses import asdict, dataclass
@@ -28,11 +32,19 @@ from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
 from protocol.averaging import GroupMember, combine
 from protocol.codecs import compress_with_feedback, decode, parse_codec, payload_size
-from protocol.consensus import RoundClock, RoundDecision, announcement_key, decide
+from protocol.consensus import (
+    Availability,
+    RoundClock,
+    RoundDecision,
+    announcement_key,
+    available,
+    decide,
+    receipt_key,
+)
 from protocol.errors import DeadlineExceeded, InputError, TransportError
 from protocol.manifest import RunManifest
 from protocol.policy import MAX_TTL
-from protocol.records import RoundAnnouncement
+from protocol.records import PayloadReceipt, RoundAnnouncement
 from protocol.signing import SigningKey
 
 __all__ = ["RoundWork", "RoundOutcome", "Announced", "Settled", "RoundExchanger", "clock_of"]
@@ -88,6 +100,8 @@ class Settled:
     """(peer id, samples) of every payload the update holds."""
     void: str | None = None
     """Why the round is void for this peer (a member's payload could not be had from anyone)."""
+    left_out: str | None = None
+    """Why this peer's payload, a member of the decision, was left out (nobody else held it)."""
 
     @property
     def members(self) -> int:
@@ -230,27 +244,38 @@ class RoundExchanger:
         if decision.base_root != state_root:
             why = f"the round built on consensus {decision.base_root[:16]}, this peer holds {state_root[:16]}"
             return Settled(decision, None, why, time.monotonic() - started, entered)
-        holders = [m.p2p_id for m in (*decision.members, *decision.waiting)]
-        wanted = []
-        for member in decision.members:
-            others = [h for h in holders if h != member.p2p_id]
-            random.Random(f"{self.peer_id}{member.payload_sha256}").shuffle(others)
-            # the author second: the first ask spreads the load over holders that already have it
-            wanted.append((member.payload_sha256, member.payload_size, [*others[:1], member.p2p_id, *others[1:]]))
-        try:
-            payloads = self.node.fetch_payloads(wanted, timeout=self.averaging.round_deadline_seconds)
-        except (TransportError, DeadlineExceeded) as error:
-            return Settled(decision, None, f"payload fetch failed: {error}", time.monotonic() - started, entered)
+        budget = time.monotonic() + self.averaging.round_deadline_seconds
+        left_out = None
+        announcers = (*decision.members, *decision.waiting)
+        payloads: dict[str, bytes] = {}
+        if len(announcers) == 1:  # the round's only announcer: nobody else could hold its payload
+            availability = available(decision, {}, run_id=self.run_id, latest_time=0.0)
+        else:
+            availability, payloads, failure = self._availability(round_, decision, own, announcers, stop)
+            if failure is not None:
+                return Settled(decision, None, failure, time.monotonic() - started)
+        if availability.dropped:  # announced and held by nobody else: left out by every peer alike
+            decision = dataclasses.replace(decision, members=availability.members,
+                                           rejected=decision.rejected + availability.dropped)
+            if entered and not decision.holds(self.peer_id):
+                self.take_back(own)
+                entered = False
+                left_out = "no other peer said it held this peer's payload in time"
+        if decision.empty:
+            return Settled(decision, None, None, time.monotonic() - started, left_out=left_out)
         missing = [m for m in decision.members if m.payload_sha256 not in payloads]
         if missing:
-            # A payload nobody served (its author left before anyone fetched it): the round is void
+            payloads |= self._fetch(missing, availability.holders, announcers, budget - time.monotonic())
+        missing = [m for m in decision.members if m.payload_sha256 not in payloads]
+        if missing:
+            # A payload another peer said it held but nobody served in time: the round is void
             # here, θ stays as it is, and this peer's payload goes back to its residual. Peers that
             # did fetch everything apply the round; the next round's base root says which side the
             # swarm is on, and a peer on the other one repairs (it knows both outcomes).
             if entered:
                 self.take_back(own)
             void = f"{len(missing)} of the round's {len(decision.members)} payloads did not arrive"
-            return Settled(decision, None, None, time.monotonic() - started, void=void)
+            return Settled(decision, None, None, time.monotonic() - started, void=void, left_out=left_out)
         entries = [(_member(m).to_wire(), payloads[m.payload_sha256]) for m in decision.members]
         try:
             group = combine(entries, codec=self.codec, numel=self.numel, round=round_, max_weight=self.max_weight,
@@ -259,7 +284,58 @@ class RoundExchanger:
             return Settled(decision, None, None, time.monotonic() - started)
         return Settled(decision, group.update, None, time.monotonic() - started,
                        entered and self.peer_id in {m.peer_id for m in group.members},
-                       tuple((m.peer_id, int(m.weight)) for m in group.members))
+                       tuple((m.peer_id, int(m.weight)) for m in group.members), left_out=left_out)
+
+    def _availability(self, round_: int, decision: RoundDecision, own: Announced | None, announcers,
+                      stop) -> tuple[Availability, dict[str, bytes], str | None]:
+        """Live (before the round's receipts are due): fetch the members' payloads, then sign what
+        this peer holds if it announced on the base root. Then read the round's receipts once:
+        (which members are available, the payloads in hand, why the receipts could not be read)."""
+        payloads: dict[str, bytes] = {}
+        # a quarter of the settle time is left to sign and store the receipt before it is due
+        if (first := self.clock.held_by(round_) - self.clock.settle / 4 - time.time()) > 0:
+            payloads = self._fetch(decision.members, {}, announcers, first)
+            if own is not None and own.failure is None and any(a.peer_id == self.peer_id for a in announcers):
+                self._receipt(round_, decision.base_root, sorted(payloads))
+        while (wait := self.clock.receipts_read(round_) - time.time()) > 0 and not stop():
+            time.sleep(min(wait, 0.25))
+        try:
+            raw = self.node.fetch(receipt_key(self.run_id, round_))
+        except (TransportError, DeadlineExceeded) as error:
+            return available(decision, {}, run_id=self.run_id, latest_time=0.0), payloads, \
+                f"could not read the round's receipts: {error}"
+        receipts = raw if isinstance(raw, dict) else {}
+        return available(decision, receipts, run_id=self.run_id, latest_time=self.clock.held_by(round_)), payloads, None
+
+    def _fetch(self, members, receipted: dict[str, tuple[str, ...]], announcers, timeout: float) -> dict[str, bytes]:
+        """The payloads of ``members`` that arrived within ``timeout``: each asked of the peers whose
+        receipts name it first, then of its author, then of the round's other announcers."""
+        if timeout <= 0 or not members:
+            return {}
+        wanted = []
+        for member in members:
+            others = [a.p2p_id for a in announcers if a.p2p_id != member.p2p_id]
+            random.Random(f"{self.peer_id}{member.payload_sha256}").shuffle(others)
+            named = [h for h in receipted.get(member.payload_sha256, ()) if h != member.p2p_id]
+            random.Random(f"{self.peer_id}{member.payload_sha256}").shuffle(named)
+            # the author second: the first ask spreads the load over holders that already have it
+            order = [*named[:1], *others[:1], member.p2p_id, *named[1:], *others[1:]]
+            wanted.append((member.payload_sha256, member.payload_size, list(dict.fromkeys(order))))
+        try:
+            return self.node.fetch_payloads(wanted, timeout=timeout)
+        except (TransportError, DeadlineExceeded):
+            return {}
+
+    def _receipt(self, round_: int, base_root: str, held: list[str]) -> None:
+        """Sign and store this peer's receipt for the payloads of ``round_`` it holds (a failure to
+        store it only means its word is not counted)."""
+        receipt = PayloadReceipt.signed(self.key, run_id=self.run_id, round=round_, base_root=base_root, held=held,
+                                        p2p_id=self.node.p2p_id, time=time.time())
+        ttl = min(ANNOUNCE_ROUNDS * self.clock.seconds + 60.0, MAX_TTL["receipt"])
+        try:
+            self.node.store(receipt_key(self.run_id, round_), receipt.to_bytes(), ttl=ttl, subkey=self.peer_id)
+        except (TransportError, DeadlineExceeded):
+            pass
 
 
 def _member(record: RoundAnnouncement) -> GroupMember:

@@ -44,11 +44,13 @@ from protocol.errors import (
     BarnraiseError,
     DeadlineExceeded,
     HashMismatch,
+    InputError,
     MalformedRecord,
     TransportError,
     VerificationError,
 )
 from protocol.manifest import SignedManifest
+from protocol.policy import Admission, request_signature, token_problem
 from protocol.records import PeerProgress
 from protocol.signing import key_id
 
@@ -89,6 +91,8 @@ class PeerOptions:
     """Windows per forward pass (default: the run's batch_size); gradients are accumulated."""
     activation_checkpointing: bool = False
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
+    token: bytes | None = None
+    """A private run's join token for this peer's key (default: fetched from the coordinator)."""
     on_line: object = field(default=print, repr=False)
 
 
@@ -412,7 +416,7 @@ class PeerProcess:
         if self.options.snapshot_every > 0 and self.trainer.state.round % self.options.snapshot_every == 0:
             self._snapshot()
         if work is not None:
-            self.announce_failure = flight.announced.failure
+            self.announce_failure = flight.announced.failure or settled.left_out
             self._report(self.last)
 
     def _snapshot(self) -> None:
@@ -570,28 +574,53 @@ def _saved_samples(path: Path, run_id: str) -> int:
     return 0
 
 
+def _admission(signed: SignedManifest, key, client: CoordinatorClient | None,
+               given: bytes | None) -> tuple[Admission | None, bytes]:
+    """A private run's gate and this peer's join token for it (given, or fetched from the
+    coordinator), checked; (None, b"") for a public run. Refuses in one line without a valid one."""
+    manifest = signed.manifest
+    admission = Admission.of(manifest)
+    if admission is None:
+        return None, b""
+    token = given if given is not None else client.token(key_id(key.public_key_hex)) if client is not None else None
+    ask = f"ask its coordinator to run: barnraise-coordinator admit {key.public_key_hex}"
+    if token is None:
+        raise InputError(f"run {manifest.config.name} is private and this peer's key is not admitted: {ask}")
+    if (problem := token_problem(token, admission, now=time.time(), peer_key=key.public_key_hex)) is not None:
+        raise InputError(f"run {manifest.config.name} is private and this peer's join token does not admit it "
+                         f"({problem}): {ask}")
+    if client is not None:  # its checkpoint files and the run's files are served to admitted keys only
+        client.auth = lambda path: request_signature(key, token, path, time.time())
+    return admission, token
+
+
 def run_peer(options: PeerOptions) -> int:
     """Join and train; returns the exit code. Raises ``BarnraiseError`` with a one-line reason."""
     if options.threads:
         torch.set_num_threads(options.threads)
     options.workdir.mkdir(parents=True, exist_ok=True)
     client = CoordinatorClient(options.coordinator_url) if options.coordinator_url else None
-    signed = None
+    key = load_or_create_key(options.workdir / "peer.key")  # also its libp2p identity
+    signed, admission, token = None, None, b""
     if client is not None:
         signed = client.manifest()
         signed.verify(options.coordinator_key)
+        admission, token = _admission(signed, key, client, options.token)
         bootstrap = client.bootstrap()
     else:
         bootstrap = list(options.initial_peers)
     if not bootstrap:
         raise TransportError("no bootstrap address: give --coordinator URL or --initial-peers MULTIADDR")
-    key = load_or_create_key(options.workdir / "peer.key")  # also its libp2p identity
-    node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/0"], identity=key)
+    node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/0"], identity=key,
+                     admission=admission, token=token)
     process = None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if signed is None:
             signed = _manifest_from_swarm(node, options.coordinator_key)
+            admission, token = _admission(signed, key, None, options.token)
+            if admission is not None:
+                node.admit(admission, token)
         process = PeerProcess(options, node, signed, client)
         for signum in previous:
             signal.signal(signum, process.stop)

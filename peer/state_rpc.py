@@ -33,6 +33,7 @@ from hivemind.proto import averaging_pb2
 from hivemind.utils import MSGPackSerializer
 from hivemind.utils.mpfuture import MPFuture
 
+from peer.rpc_gate import RpcGate
 from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError
 from protocol.records import PeerProgress
 from protocol.wire import MAX_RECORD_BYTES
@@ -59,6 +60,8 @@ class StateServing:
 
     _state_record: bytes = b""
     _state_uploads: asyncio.Semaphore | None = None
+    _gate: RpcGate
+    _presented: bytes
 
     # --- the serving side
 
@@ -72,11 +75,15 @@ class StateServing:
 
     async def rpc_state_record(self, request: averaging_pb2.AveragingData,
                                context: P2PContext) -> averaging_pb2.DownloadData:
+        if not self._gate.allows(context.remote_id.to_base58(), request.peer_id):
+            return averaging_pb2.DownloadData()
         return averaging_pb2.DownloadData(metadata=self._state_record)
 
     async def rpc_state(self, request: averaging_pb2.AveragingData,
                         context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
         """The state whose root the caller names, if this peer holds it now; else nothing."""
+        if not self._gate.allows(context.remote_id.to_base58(), request.peer_id):
+            return
         if self._state_uploads is None:  # created on the averager process's own event loop
             self._state_uploads = asyncio.Semaphore(STATE_UPLOADS)
         if self._state_uploads.locked() or len(request.group_id) != 32:
@@ -105,7 +112,7 @@ class StateServing:
         async def ask(holder: str) -> tuple[str, bytes]:
             try:
                 stub = self.get_stub(self._p2p, PeerID.from_base58(holder), namespace=self.prefix)
-                answer = await asyncio.wait_for(stub.rpc_state_record(averaging_pb2.AveragingData()), timeout)
+                answer = await asyncio.wait_for(stub.rpc_state_record(averaging_pb2.AveragingData(peer_id=self._presented)), timeout)
                 record = answer.metadata
                 return holder, record if 0 < len(record) <= MAX_RECORD_BYTES else b""
             except Exception as error:  # this holder did not answer: it does not vouch
@@ -148,7 +155,7 @@ class StateServing:
     async def _receive_state(self, donor: str, root: str, state_bytes: int, destination: Path,
                              timeout: float) -> bool:
         partial = destination.with_suffix(".partial")
-        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(root))
+        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(root), peer_id=self._presented)
 
         async def receive(handle) -> bool:
             stub = self.get_stub(self._p2p, PeerID.from_base58(donor), namespace=self.prefix)

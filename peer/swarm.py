@@ -23,9 +23,11 @@ from typing import AsyncIterator  # noqa: UP035  (hivemind reads typing's name t
 
 import torch
 
-from protocol.errors import DeadlineExceeded, TransportError
+from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError
 from protocol.manifest import AveragingConfig
 from protocol.multiaddr import libp2p_id_of
+from protocol.policy import Admission
+from protocol.records import seal, unseal
 from protocol.signing import SigningKey
 
 # hivemind logs every failed all-reduce or state download as an exception with a traceback;
@@ -45,6 +47,7 @@ from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time  # noqa: E402
 
 from peer.dht_records import SignedRecordValidator  # noqa: E402
+from peer.rpc_gate import RpcGate  # noqa: E402
 from peer.state_rpc import StateServing  # noqa: E402
 from peer.transport_caps import install as _cap_stream_messages  # noqa: E402
 
@@ -104,8 +107,13 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
     megabytes can break partway through when the CPU is busy.
     """
 
-    def __init__(self, *args, payload_limit: int, handoff: Path, kept: int, blobs: Path | None = None, **kwargs):
+    def __init__(self, *args, payload_limit: int, handoff: Path, kept: int, blobs: Path | None = None,
+                 admission: Admission | None = None, token: bytes = b"", **kwargs):
         self._payload_limit, self._handoff, self._kept = payload_limit, handoff, kept
+        self._gate = RpcGate(admission)
+        """Who is served (private runs: callers with a join token for their own id), at what rate."""
+        self._presented = token
+        """What this peer's requests carry: its join token in a private run (else nothing)."""
         self._blobs = blobs
         """The peer's blob cache (model config, tokenizer, data index, shards), served by sha256."""
         self._blob_uploads: asyncio.Semaphore | None = None
@@ -186,7 +194,7 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
             return
         self._keep(digest, payload)
         future.set_result(True)
-        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self.peer_id.to_bytes(),
+        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self._presented,
                                               weight=float(len(payload)))
         for holder in notify:
             self._own(self._notify(holder, request))
@@ -210,6 +218,8 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
     async def rpc_notice(self, request: averaging_pb2.AveragingData, context: P2PContext) -> averaging_pb2.AveragingData:
         """A peer announced a payload: fetch it from that peer now (bounded), so that it stays
         available if its author leaves before the round is read."""
+        if not self._gate.allows(context.remote_id.to_base58(), request.peer_id):
+            return averaging_pb2.AveragingData()
         digest, size = request.group_id.hex(), int(request.weight)
         if len(request.group_id) == 32 and digest not in self._store and 0 < size <= self._payload_limit:
             self._own(self._prefetch(context.remote_id.to_base58(), digest, size))
@@ -266,7 +276,7 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
 
     async def _receive(self, holder: str, digest: str, size: int, timeout: float) -> bytes | None:
         """What one holder serves for ``digest``, at most ``size`` bytes, within ``timeout`` (None: failed)."""
-        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self.peer_id.to_bytes())
+        request = averaging_pb2.AveragingData(group_id=bytes.fromhex(digest), peer_id=self._presented)
         received = bytearray()
 
         async def receive() -> None:
@@ -286,8 +296,10 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
     async def rpc_payload(
         self, request: averaging_pb2.AveragingData, context: P2PContext
     ) -> AsyncIterator[averaging_pb2.DownloadData]:
-        """Serve a payload or a blob of the run's files this peer holds, by sha256, to anyone (both are
-        public); nothing if it does not hold it."""
+        """Serve a payload or a blob of the run's files this peer holds, by sha256, to any caller the
+        gate lets through (in a public run, anyone within its rate); nothing if it does not hold it."""
+        if not self._gate.allows(context.remote_id.to_base58(), request.peer_id):
+            return
         digest = request.group_id.hex()
         payload = self._store.get(digest)
         if payload is None and self._blobs is not None and len(digest) == 64 and (self._blobs / digest).is_file():
@@ -299,6 +311,21 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
         for start in range(0, len(payload), _CHUNK_BYTES):
             yield averaging_pb2.DownloadData(metadata=payload[start : start + _CHUNK_BYTES])
 
+
+    # hivemind's own averaging RPCs: Barnraise uses none of them (payloads are fetched by hash,
+    # states served by root), so none of them answers anyone
+    async def rpc_join_group(self, request: averaging_pb2.JoinRequest,
+                             context: P2PContext) -> AsyncIterator[averaging_pb2.MessageFromLeader]:
+        yield averaging_pb2.MessageFromLeader(code=averaging_pb2.PROTOCOL_VIOLATION)
+
+    async def rpc_aggregate_part(self, stream: AsyncIterator[averaging_pb2.AveragingData],
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.AveragingData]:
+        yield averaging_pb2.AveragingData(code=averaging_pb2.PROTOCOL_VIOLATION)
+
+    async def rpc_download_state(self, request: averaging_pb2.DownloadRequest,
+                                 context: P2PContext) -> AsyncIterator[averaging_pb2.DownloadData]:
+        return
+        yield  # an async generator that yields nothing
 
     async def _blob_chunks(self, path: Path) -> AsyncIterator[bytes]:
         """A blob file in chunks, read one at a time; at most ``_BLOB_UPLOADS`` served at once (the
@@ -330,6 +357,13 @@ async def _stored_value(_dht, node, key: str):
         return None
 
 
+async def _set_admission(_dht, node, admission: Admission | None) -> None:
+    """(DHT process) gate this node's storage: its ``SignedRecordValidator`` learns the run."""
+    for validator in getattr(node.protocol.record_validator, "_validators", ()):
+        if isinstance(validator, SignedRecordValidator):
+            validator.admission = admission
+
+
 async def _stored_expiration(_dht, node, key: str) -> float | None:
     found = node.protocol.storage.get(DHTID.generate(source=key))
     return None if found is None else float(found.expiration_time)
@@ -339,10 +373,13 @@ class SwarmNode:
     """One DHT node and, once a run is known, one averager on the run's prefix."""
 
     def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None,
-                 identity: SigningKey | None = None):
+                 identity: SigningKey | None = None, admission: Admission | None = None, token: bytes = b""):
         """``identity``: the peer's signing key, used as its libp2p identity too, so that the libp2p id
-        its signed records name follows from their key (``protocol.multiaddr.libp2p_id_of``)."""
+        its signed records name follows from their key (``protocol.multiaddr.libp2p_id_of``).
+        ``admission``: a private run's gate (``admit`` sets it later when the run is not known yet);
+        ``token``: this node's join token for it (the coordinator needs none)."""
         self.averager: _PayloadAverager | None = None
+        self.admission, self.token = admission, token
         self._handoff: Path | None = None
         key_folder = None
         if identity is not None:  # handed to the libp2p daemon in a private file, removed once it runs
@@ -357,7 +394,7 @@ class SwarmNode:
                 host_maddrs=list(host_maddrs),
                 identity_path=identity_path,
                 check_if_identity_free=identity is None,  # hivemind's check reads RSA identities only
-                record_validators=[SignedRecordValidator()],
+                record_validators=[SignedRecordValidator(admission)],
                 start=True,
             )
         except Exception as error:  # hivemind raises many types when a bootstrap peer is unreachable
@@ -368,6 +405,12 @@ class SwarmNode:
         if identity is not None and self.p2p_id != libp2p_id_of(identity.public_key_hex):
             self.dht.shutdown()
             raise TransportError(f"the libp2p daemon took id {self.p2p_id}, not the one of this peer's key")
+
+    def admit(self, admission: Admission | None, token: bytes = b"") -> None:
+        """The run is known now: gate this node's DHT storage with ``admission`` (None: public) and
+        seal this node's records with ``token``. Call before ``start_averager``."""
+        self.admission, self.token = admission, token
+        self.dht.run_coroutine(partial(_set_admission, admission=admission))
 
     def start_averager(
         self,
@@ -400,6 +443,8 @@ class SwarmNode:
                 handoff=self._handoff_folder(),
                 kept=(averaging.max_contributors + 1) * _KEPT_ROUNDS,
                 blobs=blobs,
+                admission=self.admission,
+                token=self.token,
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
@@ -444,22 +489,38 @@ class SwarmNode:
         return self._need_averager().fetch(wanted, timeout)
 
     def store(self, key: str, value: bytes, *, ttl: float, subkey: str | None = None) -> bool:
+        """Store ``value`` (a peer's record under its subkey, sealed with this node's join token in a
+        private run; or the manifest)."""
         expiration = get_dht_time() + ttl
+        if self.admission is not None and subkey is not None:
+            value = seal(value, self.token)
         return bool(self.dht.store(key, value, expiration_time=expiration, subkey=subkey))
 
     def fetch(self, key: str) -> dict[str, bytes] | bytes | None:
-        """Latest value of ``key``: bytes, or for a key with subkeys a map subkey -> bytes."""
+        """Latest value of ``key``: bytes, or for a key with subkeys a map subkey -> bytes (records
+        unsealed in a private run: the DHT's validator checked their tokens)."""
         found = self.dht.get(key, latest=True)
         if found is None:
             return None
         value = found.value
         if isinstance(value, dict):
-            return {
+            return self._unsealed({
                 str(sub): item.value
                 for sub, item in value.items()
                 if isinstance(item, ValueWithExpiration) and isinstance(item.value, bytes)
-            }
+            })
         return value if isinstance(value, bytes) else None
+
+    def _unsealed(self, records: dict[str, bytes]) -> dict[str, bytes]:
+        if self.admission is None:
+            return records
+        out = {}
+        for sub, raw in records.items():
+            try:
+                out[sub] = unseal(raw)[0]
+            except MalformedRecord:  # not a private run's record: left out
+                continue
+        return out
 
     def fetch_local(self, key: str) -> dict[str, bytes] | bytes | None:
         """What this node itself stores for ``key`` (no network): the DHT keeps every value on its
@@ -467,7 +528,7 @@ class SwarmNode:
         every value, and in a larger one this is part of it, or nothing. Same shape as ``fetch``."""
         value = self.dht.run_coroutine(partial(_stored_value, key=key))
         if isinstance(value, dict):
-            return {str(sub): item for sub, item in value.items() if isinstance(item, bytes)}
+            return self._unsealed({str(sub): item for sub, item in value.items() if isinstance(item, bytes)})
         return value if isinstance(value, bytes) else None
 
     def stored_expiration(self, key: str) -> float | None:

@@ -6,6 +6,11 @@
                      size, weight, base root), one subkey of the round's DHT key
     at close + S     every peer (and the coordinator, and any follower) reads that key once and
                      calls ``decide``: the same records give the same ``RoundDecision``
+    until + W/4      each announcer on the base root fetches the members' payloads and signs a
+                     ``PayloadReceipt`` naming those it holds, one subkey of the round's receipt key
+    then + S/2       every reader reads the receipts once and calls ``available``: a member whose
+                     payload no peer but its author holds is left out, by every peer alike (a
+                     payload announced and then withheld cannot void the round)
 
 ``decide`` uses nothing but the records and the manifest: valid records (signed, naming the
 signer's own libp2p id, this run and round, the codec's exact payload size, a weight a round can hold, announced by the close plus
@@ -28,14 +33,20 @@ from dataclasses import dataclass
 
 from protocol.errors import MalformedRecord, VerificationError
 from protocol.multiaddr import libp2p_id_of
-from protocol.records import RoundAnnouncement
+from protocol.records import PayloadReceipt, RoundAnnouncement
 
-__all__ = ["RoundClock", "RoundDecision", "decide", "priority", "announcement_key"]
+__all__ = ["RoundClock", "RoundDecision", "Availability", "decide", "available", "priority", "announcement_key",
+           "receipt_key"]
 
 
 def announcement_key(run_id: str, round_: int) -> str:
     """The DHT key holding round ``round_``'s announcements (one subkey per peer id)."""
     return f"{run_id}.round.{round_}"
+
+
+def receipt_key(run_id: str, round_: int) -> str:
+    """The DHT key holding round ``round_``'s payload receipts (one subkey per peer id)."""
+    return f"{run_id}.held.{round_}"
 
 
 @dataclass(frozen=True)
@@ -66,6 +77,15 @@ class RoundClock:
     def latest_announcement(self, round_: int) -> float:
         """The latest signed time an announcement of ``round_`` may carry."""
         return self.closes(round_) + self.settle / 2
+
+    def held_by(self, round_: int) -> float:
+        """The latest signed time a payload receipt of ``round_`` may carry: its payloads are
+        fetched from the decision until then (a quarter window)."""
+        return self.decided(round_) + self.seconds / 4
+
+    def receipts_read(self, round_: int) -> float:
+        """When round ``round_``'s receipts are read, and its members' availability decided."""
+        return self.held_by(round_) + self.settle / 2
 
 
 def priority(round_: int, peer_id: str) -> bytes:
@@ -145,3 +165,71 @@ def _check(subkey: object, raw: object, *, round_: int, run_id: str, codec: str,
     if record.time > latest_time:
         raise MalformedRecord(f"announced {record.time - latest_time:.1f} s after the round's last moment")
     return record
+
+
+@dataclass(frozen=True)
+class Availability:
+    """Which of a decision's members a peer other than their author holds (by signed receipts)."""
+
+    members: tuple[RoundAnnouncement, ...]
+    """The decision's members whose payloads are available, in the decision's order."""
+    holders: dict[str, tuple[str, ...]]
+    """payload sha256 -> libp2p ids of the peers whose receipts name it (to fetch it from)."""
+    dropped: tuple[str, ...]
+    """One line per member left out: its payload was held by nobody but its author."""
+    rejected: tuple[str, ...]
+    """One line per receipt not counted, saying why."""
+
+
+def available(decision: RoundDecision, receipts: Mapping[str, bytes], *, run_id: str,
+              latest_time: float) -> Availability:
+    """The members of ``decision`` whose payloads at least one other announcer of the round on its
+    base root (a member, or one left waiting) holds, from the raw records of the round's receipt
+    key (subkey -> bytes). A member that is the round's only such announcer needs no receipt.
+
+    A receipt counts when it is signed, stored under its signer's id, names the signer's own
+    libp2p id, this run, round and base root, was signed by ``latest_time``, and its signer
+    announced on the base root. Pure: every peer that read the same receipts keeps the same set.
+    """
+    announcers = {m.peer_id: m for m in (*decision.members, *decision.waiting)}
+    holders: dict[str, list[str]] = {}
+    rejected: list[str] = []
+    for subkey, raw in sorted(receipts.items()):
+        try:
+            receipt = _check_receipt(subkey, raw, decision=decision, run_id=run_id, latest_time=latest_time)
+            if receipt.peer_id not in announcers:
+                raise MalformedRecord("its signer did not announce on the round's base root")
+        except (MalformedRecord, VerificationError) as error:
+            rejected.append(f"{str(subkey)[:16]}: {error}")
+            continue
+        for digest in receipt.held:
+            holders.setdefault(digest, []).append(receipt.peer_id)
+    alone = len(announcers) == 1
+    kept, dropped = [], []
+    for member in decision.members:
+        others = [p for p in holders.get(member.payload_sha256, ()) if p != member.peer_id]
+        if others or alone:
+            kept.append(member)
+        else:
+            dropped.append(f"{member.peer_id}: its payload {member.payload_sha256[:16]} was held by nobody else")
+    by_id = {p: announcers[p].p2p_id for p in announcers}
+    return Availability(tuple(kept), {d: tuple(by_id[p] for p in ps) for d, ps in holders.items()},
+                        tuple(dropped), tuple(rejected))
+
+
+def _check_receipt(subkey: object, raw: object, *, decision: RoundDecision, run_id: str,
+                   latest_time: float) -> PayloadReceipt:
+    if not isinstance(raw, bytes):
+        raise MalformedRecord("not bytes")
+    receipt = PayloadReceipt.from_bytes(raw).verify()
+    if receipt.peer_id != subkey:
+        raise MalformedRecord(f"stored under subkey {str(subkey)[:16]}, signed by {receipt.peer_id}")
+    if receipt.p2p_id != libp2p_id_of(receipt.peer_key):
+        raise MalformedRecord(f"names libp2p id {receipt.p2p_id[:60]!r}, not its own key's")
+    if receipt.run_id != run_id or receipt.round != decision.round:
+        raise MalformedRecord(f"of run {receipt.run_id} round {receipt.round}, not {run_id} round {decision.round}")
+    if receipt.base_root != decision.base_root:
+        raise MalformedRecord(f"on consensus {receipt.base_root[:16]}, not the round's")
+    if receipt.time > latest_time:
+        raise MalformedRecord(f"signed {receipt.time - latest_time:.1f} s after the round's receipts were due")
+    return receipt

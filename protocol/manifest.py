@@ -31,6 +31,7 @@ __all__ = [
     "TrainingConfig",
     "AveragingConfig",
     "CheckpointConfig",
+    "AccessConfig",
     "RunConfig",
     "RunManifest",
     "SignedManifest",
@@ -292,6 +293,15 @@ class CheckpointConfig:
         _require(self.every_rounds > 0, "checkpoints.every_rounds must be positive")
 
 
+@dataclass(frozen=True, kw_only=True)
+class AccessConfig:
+    """Who may take part: anyone (``public``), or only volunteers the coordinator admitted
+    (``private``: each holds a join token the coordinator signed for its key, checked on every DHT
+    store and every averaging and state request; ``barnraise-coordinator admit KEY``)."""
+
+    mode: Literal["public", "private"] = "public"
+
+
 _TOML_DOT_BUDGET = 10_000_000
 """Most sum over RUN.toml's lines of (the '.' on the line) squared. tomllib reads a dotted key in
 time quadratic in its parts (40,000 parts: half a minute); this allows a line of 3,000 floats."""
@@ -303,6 +313,12 @@ _SECTIONS: dict[str, type] = {
     "averaging": AveragingConfig,
     "checkpoints": CheckpointConfig,
 }
+
+
+_OPTIONAL_SECTIONS: dict[str, type] = {"access": AccessConfig}
+"""Sections a manifest carries only when they differ from their defaults, so that the manifests
+(and run ids) of runs that do not use them stay what they were. Written explicitly at their
+default, they are refused: one config, one encoding."""
 
 
 def _value_ok(value: Any, hint: Any) -> bool:
@@ -381,7 +397,7 @@ def _section_wire(section: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """What a coordinator writes in RUN.toml: a name and the five sections."""
+    """What a coordinator writes in RUN.toml: a name, the five sections, and ``[access]``."""
 
     name: str
     """Human-readable run name (letters, digits, ``-`` and ``_``)."""
@@ -390,6 +406,7 @@ class RunConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
+    access: AccessConfig = field(default_factory=AccessConfig)
 
     def __post_init__(self) -> None:
         ok = isinstance(self.name, str) and 0 < len(self.name) <= 64
@@ -411,13 +428,14 @@ class RunConfig:
             raise ConfigError(f"malformed TOML: {str(error).split(';')[0]}") from None
         except RecursionError:
             raise ConfigError("malformed TOML: arrays or inline tables nested too deeply") from None
+        known = {**_SECTIONS, **_OPTIONAL_SECTIONS}
         for key in doc:
-            if key != "run" and key not in _SECTIONS:
-                raise ConfigError(f"unknown table [{key}] (known: run, {', '.join(_SECTIONS)})")
+            if key != "run" and key not in known:
+                raise ConfigError(f"unknown table [{key}] (known: run, {', '.join(known)})")
         run = doc.get("run")
         if not isinstance(run, dict) or set(run) != {"name"}:
             raise ConfigError("[run] must hold exactly one key: name")
-        tables = {name: dict(doc.get(name, {})) if isinstance(doc.get(name, {}), dict) else doc[name] for name in _SECTIONS}
+        tables = {name: dict(doc.get(name, {})) if isinstance(doc.get(name, {}), dict) else doc[name] for name in known}
         model, data = tables["model"], tables["data"]
         if isinstance(model, dict) and isinstance(model.get("config"), dict):  # the config's keys inline
             try:
@@ -426,13 +444,13 @@ class RunConfig:
                 raise ConfigError(f"[model.config] cannot be written as JSON: {str(error).split(';')[0]}") from None
         if isinstance(data, dict) and data.get("files") and "corpus" not in data:
             data["corpus"] = "files"
-        sections = {name: _section(cls_, tables[name], name, complete=False) for name, cls_ in _SECTIONS.items()}
+        sections = {name: _section(cls_, tables[name], name, complete=False) for name, cls_ in known.items()}
         return cls(name=run["name"], **sections)
 
     def to_toml(self) -> str:
         """RUN.toml text with every key written out; ``from_toml`` reads back an equal config."""
         lines = ["[run]", f"name = {json.dumps(self.name)}"]
-        for name in _SECTIONS:
+        for name in (*_SECTIONS, *_OPTIONAL_SECTIONS):
             lines += ["", f"[{name}]"]
             lines += [f"{key} = {_toml_value(value)}" for key, value in _section_wire(getattr(self, name)).items()]
         return "\n".join(lines) + "\n"
@@ -490,13 +508,17 @@ class RunManifest:
         }
         for name in _SECTIONS:
             out[name] = _section_wire(getattr(self.config, name))
+        for name, cls in _OPTIONAL_SECTIONS.items():
+            if getattr(self.config, name) != cls():
+                out[name] = _section_wire(getattr(self.config, name))
         return out
 
     @classmethod
     def from_wire(cls, mapping: Any) -> RunManifest:
         if not isinstance(mapping, dict):
             raise MalformedRecord("manifest: expected a map")
-        expected = {"version", "name", "coordinator_key", "genesis_root", "created_at", *_SECTIONS}
+        optional = {n for n in _OPTIONAL_SECTIONS if n in mapping}
+        expected = {"version", "name", "coordinator_key", "genesis_root", "created_at", *_SECTIONS, *optional}
         if set(mapping) != expected:
             odd = sorted(set(mapping) ^ expected)[0]
             raise MalformedRecord(f"manifest: missing or unknown field {odd!r}")
@@ -509,6 +531,10 @@ class RunManifest:
             raise MalformedRecord("manifest: field 'created_at' must be a number")
         try:
             sections = {n: _section(c, mapping[n], n, complete=True) for n, c in _SECTIONS.items()}
+            for name in optional:
+                sections[name] = _section(_OPTIONAL_SECTIONS[name], mapping[name], name, complete=True)
+                if sections[name] == _OPTIONAL_SECTIONS[name]():
+                    raise ConfigError(f"{name} is written at its default (a manifest leaves it out)")
             config = RunConfig(name=mapping["name"], **sections)
         except ConfigError as error:
             raise MalformedRecord(f"manifest: {error}") from None

@@ -15,6 +15,10 @@ the same records here, with no I/O and no hivemind, so each hostile input is a u
                        another peer's subkey, too large, or kept longer than its kind allows
     clip_scales        the robust rule of ``combine``: each payload clipped to ``CLIP_RATIO``
                        times the group's median norm
+    token_problem      a private run's join token does not admit a caller (another run or
+                       coordinator, expired, or bound to another key or libp2p id)
+    request_problem    a private run's HTTP request for weights or data is not signed by an
+                       admitted key (``request_signature`` makes the header)
 
 The run's clock is the trusted anchor for rounds: round r opens at ``created_at + r·W`` in the
 signed manifest, so no record can make a peer believe the swarm is ahead of it.
@@ -33,9 +37,11 @@ from protocol.consensus import RoundClock
 from protocol.errors import BarnraiseError
 from protocol.manifest import SignedManifest
 from protocol.multiaddr import libp2p_id_of
-from protocol.records import PeerProgress, RoundAnnouncement
+from protocol.records import JoinToken, PayloadReceipt, PeerProgress, RoundAnnouncement, unseal
+from protocol.signing import verify_signature
 
 __all__ = [
+    "Admission",
     "CLOCK_SKEW",
     "CLIP_RATIO",
     "MAX_PARAMETER",
@@ -51,6 +57,9 @@ __all__ = [
     "round_bound",
     "state_problem",
     "swarm_round",
+    "request_problem",
+    "request_signature",
+    "token_problem",
 ]
 
 CLOCK_SKEW = 30.0
@@ -192,36 +201,128 @@ def clip_scales(norms: Sequence[float], ratio: float = CLIP_RATIO) -> list[float
     return scales
 
 
-MAX_TTL = {"manifest": 600.0, "progress": 120.0, "announcement": 12 * 86400.0 + 60.0}
+MAX_TTL = {"manifest": 600.0, "progress": 120.0, "announcement": 12 * 86400.0 + 60.0,
+           "receipt": 12 * 86400.0 + 60.0}
 """The longest a record of each kind may be stored for in the DHT (seconds from its signing, plus
 ``CLOCK_SKEW``): a hostile store cannot pin a record for longer. An announcement lives 12 rounds
-plus a minute (``peer.rounds.ANNOUNCE_ROUNDS``), and a round may last up to a day."""
+plus a minute (``peer.rounds.ANNOUNCE_ROUNDS``), and a round may last up to a day; a receipt as long."""
+
+_PEER_KINDS = (("progress", PeerProgress), ("announcement", RoundAnnouncement), ("receipt", PayloadReceipt))
 
 
-def dht_record_problem(subkey: str | None, raw: object, expiration: float, now: float) -> str | None:
+@dataclass(frozen=True)
+class Admission:
+    """A private run's gate: join tokens for ``run_id`` signed by ``coordinator_key`` admit."""
+
+    run_id: str
+    coordinator_key: str
+
+    @classmethod
+    def of(cls, manifest) -> Admission | None:
+        """The gate of a run manifest (None: a public run, open to anyone)."""
+        if manifest.config.access.mode != "private":
+            return None
+        return cls(manifest.run_id, manifest.coordinator_key)
+
+
+def token_problem(raw: object, admission: Admission, *, now: float, peer_key: str | None = None,
+                  p2p_id: str | None = None) -> str | None:
+    """Why ``raw`` is not a join token admitting to ``admission``'s run (the holder of ``peer_key``,
+    or the caller ``p2p_id``), or None. The coordinator itself needs no token."""
+    if p2p_id is not None and p2p_id == libp2p_id_of(admission.coordinator_key):
+        return None
+    if not isinstance(raw, bytes) or not raw:
+        return "no join token (this run is private)"
+    try:
+        token = JoinToken.from_bytes(raw).verify(admission.coordinator_key)
+    except BarnraiseError as error:
+        return f"not a valid join token: {error}"
+    if token.run_id != admission.run_id:
+        return f"a join token for run {token.run_id}, not {admission.run_id}"
+    if token.expires < now - CLOCK_SKEW:
+        return f"a join token that expired at {token.expires:.0f}"
+    if peer_key is not None and token.peer_key != peer_key:
+        return f"a join token for key {token.peer_id}, not the record's signer"
+    if p2p_id is not None and libp2p_id_of(token.peer_key) != p2p_id:
+        return f"a join token for key {token.peer_id}, not the caller {p2p_id[:20]}"
+    return None
+
+
+_REQUEST_DOMAIN = b"barnraise/http-request\x00"
+AUTH_HEADER = "X-Barnraise-Auth"
+"""The header of a private run's HTTP requests: join token (hex), time, signature (hex)."""
+
+
+def request_signature(key, token: bytes, path: str, now: float) -> str:
+    """``AUTH_HEADER``'s value for ``GET path`` at ``now``, signed with the peer's ``key``."""
+    message = _REQUEST_DOMAIN + f"GET {path} {now!r}".encode()
+    return f"{token.hex()} {now!r} {key.sign(message)}"
+
+
+def request_problem(header: str | None, path: str, admission: Admission, *, now: float) -> str | None:
+    """Why a private run's ``GET path`` is refused (no header, a token that does not admit, a
+    signature by another key, a time beyond ``CLOCK_SKEW``), or None."""
+    if not header:
+        return "this run is private: the request carries no join token"
+    parts = header.split(" ")
+    if len(parts) != 3 or len(parts[0]) > 2 * 1024:
+        return "the request's authorization header is malformed"
+    try:
+        token, signed_at = bytes.fromhex(parts[0]), float(parts[1])
+    except ValueError:
+        return "the request's authorization header is malformed"
+    if not math.isfinite(signed_at) or abs(signed_at - now) > CLOCK_SKEW:
+        return "the request's signed time is off by more than the clock skew allowed"
+    if (problem := token_problem(token, admission, now=now)) is not None:
+        return problem
+    peer_key = JoinToken.from_bytes(token).peer_key
+    try:
+        verify_signature(peer_key, _REQUEST_DOMAIN + f"GET {path} {parts[1]}".encode(), parts[2], what="request")
+    except BarnraiseError as error:
+        return str(error)
+    return None
+
+
+def _peer_record(raw: bytes) -> tuple[str, PeerProgress | RoundAnnouncement | PayloadReceipt]:
+    """(kind, verified record) of a peer's record; each kind has its exact field set, so at most
+    one decodes. Raises the last kind's error when none does."""
+    for kind, cls in _PEER_KINDS[:-1]:
+        try:
+            return kind, cls.from_bytes(raw).verify()
+        except BarnraiseError:
+            continue
+    kind, cls = _PEER_KINDS[-1]
+    return kind, cls.from_bytes(raw).verify()
+
+
+def dht_record_problem(subkey: str | None, raw: object, expiration: float, now: float,
+                       admission: Admission | None = None) -> str | None:
     """Why a value offered to this node's DHT storage (or returned by another node) is refused,
     or None. Values are Barnraise's signed records only: a signed manifest (no subkey), or a
-    peer's progress record or round announcement stored under its own peer id as subkey, naming
+    peer's progress record, round announcement or payload receipt stored under its own peer id as subkey, naming
     its own libp2p id, verified, within ``wire.MAX_RECORD_BYTES``. A record's expiry may lie at
     most ``MAX_TTL`` of its kind plus ``CLOCK_SKEW`` after the time it was signed at (the storer's
     clock on both sides, so readers whose clocks differ agree), and no value's at most that plus
     ``10 × CLOCK_SKEW`` after this node's ``now`` (a loose bound: hivemind refuses a whole
     dictionary of records when one of them fails, so a tight clock-dependent check would let one
-    peer hide a round's records from readers whose clocks run behind)."""
+    peer hide a round's records from readers whose clocks run behind). In a private run
+    (``admission``), the manifest must be its coordinator's and a peer's record must be sealed with
+    a join token admitting its signer (``records.seal``)."""
     if not isinstance(raw, bytes):
         return "not bytes"
     signed_at = None
     try:
         if subkey is None:
-            SignedManifest.from_bytes(raw).verify()
+            SignedManifest.from_bytes(raw).verify(admission.coordinator_key if admission is not None else None)
             kind = "manifest"
         else:
-            try:
-                record = PeerProgress.from_bytes(raw).verify()
-                kind = "progress"
-            except BarnraiseError:
-                record = RoundAnnouncement.from_bytes(raw).verify()
-                kind = "announcement"
+            token = b""
+            if admission is not None:
+                raw, token = unseal(raw)
+            kind, record = _peer_record(raw)
+            if admission is not None and (problem := token_problem(token, admission, now=now,
+                                                                   peer_key=record.peer_key)) is not None:
+                return problem
             if record.peer_id != subkey:
                 return f"stored under subkey {subkey[:16]!r}, signed by {record.peer_id}"
             if (problem := binding_problem(record)) is not None:

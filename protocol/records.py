@@ -15,9 +15,10 @@ from typing import Any, ClassVar, Literal, TypeVar
 
 from protocol.errors import MalformedRecord, SignatureError
 from protocol.signing import SigningKey, key_id, verify_signature
-from protocol.wire import PROTOCOL_VERSION, Field, canonical_bytes, check_fields, decode_map, is_hex
+from protocol.wire import MAX_RECORD_BYTES, PROTOCOL_VERSION, Field, canonical_bytes, check_fields, decode_map, is_hex
 
-__all__ = ["PeerProgress", "RoundAnnouncement", "FileRecord", "Contribution", "LedgerEntry", "GENESIS_PREV"]
+__all__ = ["PeerProgress", "RoundAnnouncement", "PayloadReceipt", "JoinToken", "FileRecord", "Contribution",
+           "LedgerEntry", "GENESIS_PREV", "seal", "unseal"]
 
 GENESIS_PREV = "0" * 64
 """The ``prev`` of the genesis entry."""
@@ -50,6 +51,10 @@ class _Signed:
 
     FIELDS: ClassVar[tuple[Field, ...]]
     WHAT: ClassVar[str]
+    DOMAIN: ClassVar[bytes] = b""
+    """Signed before the canonical bytes: a signature made for one record kind never verifies as
+    another. The kinds of protocol version 1 before receipts (progress, announcement, ledger entry,
+    manifest) sign no prefix: their exact field sets already tell them apart (docs/protocol.md §3)."""
     signature: str
 
     def unsigned_wire(self) -> dict[str, Any]:
@@ -99,10 +104,11 @@ class _PeerSigned(_Signed):
     @classmethod
     def signed(cls: type[P], key: SigningKey, **fields: Any) -> P:
         draft = cls(peer_key=key.public_key_hex, peer_id=key_id(key.public_key_hex), **fields)
-        return dataclasses.replace(draft, signature=key.sign(canonical_bytes(draft.unsigned_wire())))
+        return dataclasses.replace(draft, signature=key.sign(draft.DOMAIN + canonical_bytes(draft.unsigned_wire())))
 
     def verify(self: P) -> P:
-        verify_signature(self.peer_key, canonical_bytes(self.unsigned_wire()), self.signature, what=self.WHAT)
+        verify_signature(self.peer_key, self.DOMAIN + canonical_bytes(self.unsigned_wire()), self.signature,
+                         what=self.WHAT)
         return self
 
 
@@ -221,6 +227,123 @@ class RoundAnnouncement(_PeerSigned):
 
     def __post_init__(self) -> None:
         self._check_peer_key()
+
+
+MAX_HELD = 1024
+"""Payloads one receipt may name: a round holds at most ``averaging.max_contributors`` (≤ 1024)."""
+
+
+@dataclass(frozen=True, kw_only=True)
+class PayloadReceipt(_PeerSigned):
+    """A peer's signed word that it holds these payloads of a round (and serves them by sha256).
+
+    Stored under the round's receipt key once the peer has fetched the round's payloads. A round
+    keeps a member's payload only if a peer other than its author names it here
+    (``protocol.consensus.available``): a payload announced but served to nobody is left out by
+    every peer alike, so withholding cannot void the round."""
+
+    WHAT: ClassVar[str] = "payload receipt"
+    DOMAIN: ClassVar[bytes] = b"barnraise/payload-receipt\x00"
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        _VERSION,
+        _RUN_ID,
+        _PEER_ID,
+        _PEER_KEY,
+        Field("round", int, lambda v: 0 <= v < 2**40, "0 to 2**40"),
+        Field("base_root", str, _hex64, "64 hex digits"),
+        Field("held", list, lambda v: len(v) <= MAX_HELD and all(_hex64(d) for d in v) and v == sorted(set(v)),
+              f"at most {MAX_HELD} distinct sha256 digests, sorted"),
+        Field("p2p_id", str, _short_str(128)),
+        Field("time", float, _non_negative),
+        _SIGNATURE,
+    )
+
+    version: int = PROTOCOL_VERSION
+    run_id: str
+    peer_id: str
+    peer_key: str
+    round: int
+    base_root: str
+    """The consensus the round built on (the decision's base root)."""
+    held: list[str]
+    """sha256 of every payload of the round this peer holds, sorted."""
+    p2p_id: str
+    """The libp2p id the peer serves them at."""
+    time: float
+    signature: str = ""
+
+    def __post_init__(self) -> None:
+        self._check_peer_key()
+
+
+@dataclass(frozen=True, kw_only=True)
+class JoinToken(_Signed):
+    """The coordinator's signed word that the holder of ``peer_key`` may take part in a private run
+    until ``expires`` (``barnraise-coordinator admit KEY``). Useless to anyone without the private
+    half of ``peer_key``: a peer's libp2p identity is its key, and libp2p authenticates callers."""
+
+    WHAT: ClassVar[str] = "join token"
+    DOMAIN: ClassVar[bytes] = b"barnraise/join-token\x00"
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        _VERSION,
+        _RUN_ID,
+        _PEER_KEY,
+        Field("expires", float, _non_negative),
+        Field("signer", str, _hex64, "64 hex digits"),
+        _SIGNATURE,
+    )
+
+    version: int = PROTOCOL_VERSION
+    run_id: str
+    peer_key: str
+    """The admitted volunteer's Ed25519 public key (hex)."""
+    expires: float
+    """Unix time after which the token no longer admits."""
+    signer: str
+    """The coordinator's public key (hex): the run manifest's ``coordinator_key``."""
+    signature: str = ""
+
+    @property
+    def peer_id(self) -> str:
+        return key_id(self.peer_key)
+
+    @classmethod
+    def issue(cls, key: SigningKey, *, run_id: str, peer_key: str, expires: float) -> JoinToken:
+        draft = cls(run_id=run_id, peer_key=peer_key, expires=float(expires), signer=key.public_key_hex)
+        return dataclasses.replace(draft, signature=key.sign(cls.DOMAIN + canonical_bytes(draft.unsigned_wire())))
+
+    def verify(self, coordinator_key: str) -> JoinToken:
+        if self.signer != coordinator_key:
+            raise SignatureError(f"join token: issued by key {key_id(self.signer)}, not the run's coordinator "
+                                 f"{key_id(coordinator_key)}")
+        verify_signature(self.signer, self.DOMAIN + canonical_bytes(self.unsigned_wire()), self.signature,
+                         what=self.WHAT)
+        return self
+
+
+_SEAL_MAGIC = b"BRSEAL1"
+MAX_TOKEN_BYTES = 1024
+"""A join token's canonical bytes are about 250 bytes; more is not a token."""
+SEALED_BYTES = len(_SEAL_MAGIC) + 2 + MAX_TOKEN_BYTES + MAX_RECORD_BYTES
+
+
+def seal(record: bytes, token: bytes) -> bytes:
+    """A DHT value of a private run: a peer's signed record with its join token in front (the
+    magic, the token's length in two bytes, the token, the record)."""
+    if len(token) > MAX_TOKEN_BYTES or len(record) > MAX_RECORD_BYTES:
+        raise MalformedRecord("sealed record: the token or the record is too large")
+    return _SEAL_MAGIC + len(token).to_bytes(2, "big") + token + record
+
+
+def unseal(raw: object) -> tuple[bytes, bytes]:
+    """(record bytes, token bytes) of a sealed value; ``MalformedRecord`` if it is not one."""
+    if not isinstance(raw, bytes) or len(raw) > SEALED_BYTES or not raw.startswith(_SEAL_MAGIC):
+        raise MalformedRecord("not a sealed record (a private run's records carry their join token)")
+    at = len(_SEAL_MAGIC)
+    length = int.from_bytes(raw[at : at + 2], "big")
+    if length > MAX_TOKEN_BYTES or len(raw) < at + 2 + length:
+        raise MalformedRecord("sealed record: its token's length is wrong")
+    return raw[at + 2 + length :], raw[at + 2 : at + 2 + length]
 
 
 @dataclass(frozen=True, kw_only=True)

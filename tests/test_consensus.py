@@ -6,6 +6,7 @@ from __future__ import annotations
 import hashlib
 import random
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -13,10 +14,10 @@ import torch
 from peer.rounds import RoundExchanger, RoundWork
 from peer.state import RoundState, outer_step
 from protocol.codecs import parse_codec, payload_size
-from protocol.consensus import RoundClock, decide, priority
+from protocol.consensus import RoundClock, available, decide, priority, receipt_key
 from protocol.manifest import AveragingConfig, RunConfig, RunManifest, TrainingConfig
 from protocol.multiaddr import libp2p_id_of
-from protocol.records import RoundAnnouncement
+from protocol.records import PayloadReceipt, RoundAnnouncement
 from protocol.signing import SigningKey, key_id
 
 CODEC = "bmax-c256-b16-s2"
@@ -111,6 +112,71 @@ def test_nobody_announced_is_an_empty_round():
     assert decision.empty and decision.base_root is None
 
 
+def _receipt(key: SigningKey, held, *, round_: int = 3, base_root: str = ROOT_A, time_: float = 115.0, **changes):
+    fields = dict(run_id=RUN, round=round_, base_root=base_root, held=sorted(held),
+                  p2p_id=libp2p_id_of(key.public_key_hex), time=time_)
+    fields.update(changes)
+    return PayloadReceipt.signed(key, **fields)
+
+
+def _available(decision, receipts, raw=None):
+    raw = raw if raw is not None else {r.peer_id: r.to_bytes() for r in receipts}
+    return available(decision, raw, run_id=RUN, latest_time=120.0)
+
+
+def test_a_member_stays_only_if_a_peer_other_than_its_author_holds_its_payload():
+    records = [_record(k) for k in KEYS[:4]]
+    decision = _decide(records)
+    digests = [r.payload_sha256 for r in records]
+    receipts = [_receipt(KEYS[0], digests[:3]), _receipt(KEYS[1], digests[:3]), _receipt(KEYS[3], [digests[3]])]
+    result = _available(decision, receipts)
+    assert {m.peer_id for m in result.members} == {r.peer_id for r in records[:3]}, "the fourth: only its author"
+    assert len(result.dropped) == 1 and records[3].peer_id in result.dropped[0]
+    assert set(result.holders[digests[2]]) == {records[0].p2p_id, records[1].p2p_id}
+    assert _available(decision, list(reversed(receipts))).members == result.members, "order-free"
+    alone = _decide(records[:1])
+    assert _available(alone, []).members == alone.members, "the round's only announcer needs no receipt"
+
+
+@pytest.mark.parametrize(("change", "why"), [
+    (dict(base_root=ROOT_B), "not the round's"),
+    (dict(round_=4), "round 4"),
+    (dict(run_id="cd" * 8), "of run"),
+    (dict(time_=121.0), "after the round's receipts were due"),
+    (dict(p2p_id="12D3KooWforged"), "libp2p id"),
+])
+def test_a_bad_receipt_is_not_counted_and_named(change, why):
+    records = [_record(k) for k in KEYS[:2]]
+    decision = _decide(records)
+    bad = _receipt(KEYS[1], [records[0].payload_sha256], **change)
+    result = _available(decision, [_receipt(KEYS[0], [records[1].payload_sha256]), bad])
+    assert [m.peer_id for m in result.members] == [records[1].peer_id]
+    assert len(result.rejected) == 1 and why in result.rejected[0]
+
+
+def test_receipts_forged_misfiled_or_from_outsiders_do_not_count():
+    records = [_record(k) for k in KEYS[:2]]
+    decision = _decide(records)
+    target = records[0].payload_sha256
+    outsider = _receipt(KEYS[7], [target])  # signed, but it announced nothing this round
+    honest = _receipt(KEYS[1], [target])
+    forged = PayloadReceipt(**{**honest.to_wire(), "held": sorted([target, "c" * 64])})
+    raw = {outsider.peer_id: outsider.to_bytes(), "f" * 16: honest.to_bytes(), KEYS[1].public_key_hex[:16]: b"\x81"}
+    result = _available(decision, [], raw=raw)
+    assert not result.members and len(result.rejected) == 3
+    assert not _available(decision, [], raw={honest.peer_id: forged.to_bytes()}).members
+    announcement_bytes = records[1].to_bytes()  # another record kind does not pass as a receipt
+    assert not _available(decision, [], raw={records[1].peer_id: announcement_bytes}).members
+
+
+def test_a_receipt_signature_does_not_verify_as_another_kind():
+    receipt = _receipt(KEYS[0], ["d" * 64])
+    from protocol.signing import verify_signature
+    from protocol.wire import canonical_bytes
+    with pytest.raises(Exception, match="does not verify"):
+        verify_signature(receipt.peer_key, canonical_bytes(receipt.unsigned_wire()), receipt.signature, what="x")
+
+
 # ---------------------------------------------------------------------------------------
 # Many peers' exchangers over one in-memory swarm
 # ---------------------------------------------------------------------------------------
@@ -148,14 +214,18 @@ class _Node:
 
 class _Clock:
     """The time ``peer.rounds`` sees: set by the test to a round's close (announce) or past its
-    settle time (settle), so no test sleeps."""
+    settle time (settle); a settle waiting for the round's receipts spins (briefly, really) until
+    the test moves the time on (``_settle_all``)."""
 
     def __init__(self):
         self.now = 0.0
-        self.monotonic, self.sleep = time.monotonic, time.sleep
+        self.monotonic = time.monotonic
 
     def time(self) -> float:
         return self.now
+
+    def sleep(self, seconds: float) -> None:
+        time.sleep(0.002)
 
     def at_close(self, round_: int) -> None:
         self.now = 10.0 * (round_ + 1) - 0.5
@@ -178,6 +248,25 @@ def _manifest(g: int) -> RunManifest:
         averaging=AveragingConfig(codec=CODEC, round_seconds=10.0, settle_seconds=1.0, max_contributors=g),
     )
     return RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=0.0)
+
+
+def _settle_all(peers, round_: int, roots, announced, clock: _Clock, swarm: _Swarm) -> list:
+    """Every peer settles round ``round_`` at once, as live peers do: each fetches and signs its
+    receipt at the decision; once every announcer's receipt is in, the time moves on to the
+    receipts' read. Returns the ``Settled`` of each peer, in order."""
+    clock.decided(round_)
+    decision = peers[0].decide(round_)
+    announcers = {a.peer_id for a in (*decision.members, *decision.waiting)}
+    signers = len(announcers & {p.peer_id for p in peers if p.peer_id in announced})
+    with ThreadPoolExecutor(max_workers=len(peers)) as pool:
+        futures = [pool.submit(p.settle, round_, roots[p.peer_id], announced.get(p.peer_id)) for p in peers]
+        deadline = time.monotonic() + 30
+        key = receipt_key(peers[0].run_id, round_)
+        while len(swarm.dht.get(key, {})) < signers and len(announcers) > 1:
+            assert time.monotonic() < deadline, "the peers' receipts did not come in"
+            time.sleep(0.005)
+        clock.now = 10.0 * (round_ + 1) + 6.0  # past the receipts' read (close + 1 + 2.5 + 0.5)
+        return [f.result(timeout=30) for f in futures]
 
 
 def _peers(count: int, g: int, swarm: _Swarm) -> list[RoundExchanger]:
@@ -207,9 +296,7 @@ def test_every_peer_applies_the_same_update_to_the_same_state_every_round(count,
             delta = torch.randn(NUMEL, generator=generator) * 0.01
             announced[peer.peer_id] = peer.announce(work, delta, base_root=roots[peer.peer_id])
         updates = set()
-        clock.decided(round_)
-        for peer in peers:
-            settled = peer.settle(round_, roots[peer.peer_id], announced[peer.peer_id])
+        for peer, settled in zip(peers, _settle_all(peers, round_, roots, announced, clock, swarm), strict=True):
             assert settled.failure is None
             assert settled.members == min(count, g)
             entered[peer.peer_id] += settled.entered
@@ -226,10 +313,10 @@ def test_work_left_out_of_a_round_goes_back_to_the_residual(clock):
     peers = _peers(6, 2, swarm)
     deltas = [torch.full((NUMEL,), 0.01 * (i + 1)) for i in range(6)]
     announced = [p.announce(RoundWork(0, 1.0, 16, 1.0), d, base_root=ROOT_A) for p, d in zip(peers, deltas, strict=True)]
-    clock.decided(0)
-    for peer, delta, own in zip(peers, deltas, announced, strict=True):
-        before = peer.residual.clone()
-        settled = peer.settle(0, ROOT_A, own)
+    befores = [p.residual.clone() for p in peers]
+    roots = {p.peer_id: ROOT_A for p in peers}
+    outcomes = _settle_all(peers, 0, roots, {p.peer_id: a for p, a in zip(peers, announced, strict=True)}, clock, swarm)
+    for peer, delta, before, settled in zip(peers, deltas, befores, outcomes, strict=True):
         if settled.entered:
             assert torch.equal(peer.residual, before)
         else:  # nothing lost: β·e_old + Δ is back in the residual (e_old was 0)
@@ -237,7 +324,7 @@ def test_work_left_out_of_a_round_goes_back_to_the_residual(clock):
     assert sum(p.settle(0, ROOT_A).members for p in peers) == 12
 
 
-def test_a_peer_on_another_consensus_is_out_of_step_and_a_lost_payload_voids_the_round(clock):
+def test_a_peer_on_another_consensus_is_out_of_step(clock):
     swarm = _Swarm()
     peers = _peers(3, 16, swarm)
     clock.at_close(0)
@@ -245,10 +332,64 @@ def test_a_peer_on_another_consensus_is_out_of_step_and_a_lost_payload_voids_the
         peer.announce(RoundWork(0, 1.0, 16, 1.0), torch.ones(NUMEL) * 0.01, base_root=ROOT_A)
     clock.decided(0)
     assert "the round built on consensus" in peers[0].settle(0, ROOT_B).failure
-    swarm.lost.add(peers[1].decide(0).members[0].payload_sha256)
-    missing = peers[2].settle(0, ROOT_A)
-    assert missing.failure is None and missing.update is None and "did not arrive" in missing.void
-    assert not missing.entered, "a void round holds nobody's payload"
-    follower = _peers(1, 16, swarm)[0]
-    swarm.lost.clear()
-    assert follower.settle(0, ROOT_A).members == 3, "a follower with no work of its own replays the round"
+
+
+def _round_with_a_withheld_payload(clock, *, receipted_then_lost: bool):
+    swarm = _Swarm()
+    peers = _peers(4, 16, swarm)
+    clock.at_close(0)
+    announced = {p.peer_id: p.announce(RoundWork(0, 1.0, 16, 1.0), torch.ones(NUMEL) * 0.01 * (i + 1), base_root=ROOT_A)
+                 for i, p in enumerate(peers)}
+    hostile = peers[0]
+    withheld = hostile.decide(0).members[[m.peer_id for m in hostile.decide(0).members].index(hostile.peer_id)]
+    if not receipted_then_lost:
+        swarm.lost.add(withheld.payload_sha256)  # announced, never served to anyone
+    honest = peers[1:]
+    roots = {p.peer_id: ROOT_A for p in peers}
+    if receipted_then_lost:  # a peer's receipt names it, then every copy vanishes before the others fetch it
+        original = _Node.fetch_payloads
+
+        def fetch_then_lose(node, wanted, timeout):
+            got = original(node, wanted, timeout)
+            if node is honest[0].node:
+                swarm.lost.add(withheld.payload_sha256)
+            return got if node is honest[0].node else {d: b for d, b in got.items() if d != withheld.payload_sha256}
+
+        _Node.fetch_payloads = fetch_then_lose
+        try:
+            outcomes = _settle_all(honest, 0, roots, {p.peer_id: announced[p.peer_id] for p in honest}, clock, swarm)
+        finally:
+            _Node.fetch_payloads = original
+        return honest, withheld, outcomes, swarm
+    outcomes = _settle_all(honest, 0, roots, {p.peer_id: announced[p.peer_id] for p in honest}, clock, swarm)
+    return honest, withheld, outcomes, swarm
+
+
+def test_a_payload_announced_and_withheld_is_left_out_by_every_peer_and_the_round_goes_on(clock):
+    honest, withheld, outcomes, swarm = _round_with_a_withheld_payload(clock, receipted_then_lost=False)
+    assert all(o.failure is None and o.void is None and o.update is not None for o in outcomes)
+    assert all(o.members == 3 and o.entered for o in outcomes), "the three honest payloads are in"
+    assert all(not o.decision.holds(withheld.peer_id) for o in outcomes)
+    assert all(any("held by nobody else" in line for line in o.decision.rejected) for o in outcomes)
+    updates = {hashlib.sha256(o.update.numpy().tobytes()).hexdigest() for o in outcomes}
+    assert len(updates) == 1
+    follower = _peers(1, 16, swarm)[0]  # a replay later reads the same receipts: the same update
+    replayed = follower.settle(0, ROOT_A)
+    assert hashlib.sha256(replayed.update.numpy().tobytes()).hexdigest() in updates
+
+
+def test_a_payload_one_peer_held_but_nobody_could_fetch_voids_the_round_for_those_without_it(clock):
+    honest, withheld, outcomes, _ = _round_with_a_withheld_payload(clock, receipted_then_lost=True)
+    holder, others = outcomes[0], outcomes[1:]
+    assert holder.void is None and holder.update is not None and holder.members == 4
+    assert all("did not arrive" in o.void and not o.entered for o in others), "they repair to the holder's side later"
+
+
+def test_the_rounds_only_announcer_needs_no_receipt(clock):
+    swarm = _Swarm()
+    peer = _peers(1, 16, swarm)[0]
+    clock.at_close(0)
+    own = peer.announce(RoundWork(0, 1.0, 16, 1.0), torch.ones(NUMEL) * 0.01, base_root=ROOT_A)
+    clock.decided(0)
+    settled = peer.settle(0, ROOT_A, own)
+    assert settled.entered and settled.update is not None and receipt_key(peer.run_id, 0) not in swarm.dht

@@ -11,6 +11,7 @@ progress record, stored as an attacker would, is not believed by readers.
 from __future__ import annotations
 
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -18,9 +19,10 @@ from conftest import our_p2pd, wait_until
 
 from peer.join import state_from_quorum
 from peer.progress import PROGRESS_TTL, progress_key, read_progress
-from peer.rounds import clock_of
+from peer.rounds import RoundExchanger, RoundWork, clock_of
 from peer.state import RoundState, StateLayout
 from peer.swarm import SwarmNode
+from protocol.codecs import parse_codec, payload_size
 from protocol.errors import VerificationError
 from protocol.manifest import AveragingConfig, RunConfig, RunManifest
 from protocol.records import PeerProgress
@@ -153,6 +155,58 @@ def test_the_dht_refuses_junk_and_readers_refuse_a_forged_far_future_record():
         assert set(view.records) == {honest_id}, view
         assert view.rejected == 1 and "future" in view.reasons[0], view.reasons
         assert [r.peer_id for r in view.alive()] == [honest_id]
+    finally:
+        for node in nodes:
+            node.shutdown()
+    wait_until(lambda: not (our_p2pd() - p2pd_before), 15.0, "the in-process nodes' p2pd to exit")
+
+
+def test_a_round_leaves_out_a_withheld_payload_clips_a_poisoned_one_and_equivocation_forks_nobody(tmp_path):
+    """5 real nodes settle one round at once: peer 0 announces and then leaves without serving its
+    payload to anyone (withholding), peer 1 sends Δ×1000 and then stores a second announcement of
+    another payload (poisoned payload, equivocation). Every honest peer must leave peer 0 out (its
+    payload held by nobody else), weigh peer 1 at most like the median, and compute the same update."""
+    p2pd_before = our_p2pd()
+    config = RunConfig(name="hostile", averaging=AveragingConfig(codec="topk-c1024-k32-q2", round_seconds=8.0,
+                                                                 settle_seconds=1.5))
+    manifest = RunManifest(config=config, genesis_root="0" * 64, coordinator_key="0" * 64, created_at=time.time())
+    clock = clock_of(manifest)
+    codec = parse_codec(config.averaging.codec)
+    nodes: list[SwarmNode] = []
+    try:
+        keys = [SigningKey.generate() for _ in range(5)]
+        nodes.append(SwarmNode(initial_peers=[], host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=keys[0]))
+        for key in keys[1:]:
+            nodes.append(SwarmNode(initial_peers=nodes[0].maddrs, host_maddrs=["/ip4/127.0.0.1/tcp/0"], identity=key))
+        for node in nodes:
+            node.start_averager(prefix="test_round", payload_limit=payload_size(codec, NUMEL),
+                                averaging=config.averaging)
+        exchangers = [RoundExchanger(n, manifest, k, key_id(k.public_key_hex), None, NUMEL)
+                      for n, k in zip(nodes, keys, strict=True)]
+        round_ = clock.round_at(time.time()) + 1
+        time.sleep(max(0.0, clock.opens(round_) + 1.0 - time.time()))
+        generator = torch.Generator().manual_seed(5)
+        deltas = [torch.randn(NUMEL, generator=generator) for _ in range(5)]
+        deltas[1] = deltas[1] * 1000.0
+        announced = [e.announce(RoundWork(round_, 1.0, 16, 0.5), d, base_root="ab" * 32)
+                     for e, d in zip(exchangers, deltas, strict=True)]
+        assert all(a.failure is None for a in announced)
+        second = exchangers[1].announce(RoundWork(round_, 1.0, 16, 0.5), -deltas[1], base_root="ab" * 32)
+        assert second.failure is None  # two signed announcements of one round under one subkey
+        honest = exchangers[2:]
+        with ThreadPoolExecutor(max_workers=len(honest)) as pool:  # they wait for the round's decision
+            futures = [pool.submit(e.settle, round_, "ab" * 32, a) for e, a in zip(honest, announced[2:], strict=True)]
+            nodes.pop(0).shutdown()  # meanwhile the withholder leaves: its payload was served to nobody
+            assert time.time() < clock.closes(round_), "the test's own set-up outlasted the round"
+            results = [f.result(timeout=120) for f in futures]
+        for settled in results:
+            assert settled.failure is None and settled.void is None and settled.update is not None, settled
+            assert not settled.decision.holds(exchangers[0].peer_id), "the withheld payload is left out"
+            assert any("held by nobody else" in line for line in settled.decision.rejected)
+            assert settled.members == 4 and settled.entered
+            assert torch.equal(settled.update, results[0].update), "every honest peer computes the same update"
+        # clipped to the median norm: the ×1000 payload weighs no more than an honest one
+        assert float(results[0].update.norm()) < 2 * max(float(d.norm()) for d in deltas[2:])
     finally:
         for node in nodes:
             node.shutdown()

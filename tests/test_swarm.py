@@ -16,6 +16,7 @@ import re
 import shutil
 import struct
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -94,7 +95,9 @@ def test_four_peers_apply_the_mean_of_the_decoded_payloads_every_round(tmp_path,
             works = [RoundWork(round_, 1.0, 16 * (i + 1), 0.1) for i in range(EXCHANGE_PEERS)]
             residuals_before = [e.residual.clone() for e in exchangers]
             announced = [e.announce(w, d, base_root="ab" * 32) for e, w, d in zip(exchangers, works, deltas, strict=True)]
-            results = [e.settle(round_, "ab" * 32, a) for e, a in zip(exchangers, announced, strict=True)]
+            with ThreadPoolExecutor(max_workers=EXCHANGE_PEERS) as pool:  # at once, as live peers settle
+                futures = [pool.submit(e.settle, round_, "ab" * 32, a) for e, a in zip(exchangers, announced, strict=True)]
+                results = [f.result(timeout=120) for f in futures]
 
             # What each peer sent, recomputed independently: codec(Δ + residual) and its decoding.
             decoded = [decode(compress_with_feedback(codec, d, r.clone(), decay=decay)[0], codec, VECTOR_SIZE)
