@@ -16,11 +16,11 @@ import re
 import time
 from pathlib import Path
 
-from peer.workdir import load_or_create_key, write_atomic
+from peer.workdir import write_atomic
 from protocol.errors import InputError
 from protocol.manifest import SignedManifest
 from protocol.records import JoinToken
-from protocol.signing import key_id, public_key_from_pem
+from protocol.signing import SigningKey, key_id, public_key_from_pem
 
 __all__ = ["admit", "issued_token", "ADMITTED", "DEFAULT_DAYS"]
 
@@ -47,7 +47,10 @@ def admit(workdir: Path, key_text: str, *, days: float = DEFAULT_DAYS) -> tuple[
         raise InputError(f"--workdir {workdir}: no run here (launch it first: barnraise-coordinator launch RUN.toml)")
     if not 0 < days <= 36500:
         raise InputError(f"--days {days:g} must lie in (0, 36500]")
-    key = load_or_create_key(workdir / "coordinator.key")
+    try:
+        key = SigningKey.from_pem((workdir / "coordinator.key").read_bytes())
+    except OSError as error:
+        raise InputError(f"--workdir {workdir}: cannot read coordinator.key ({error.strerror})") from None
     manifest = SignedManifest.from_bytes(manifest_path.read_bytes()).verify(key.public_key_hex)
     if manifest.config.access.mode != "private":
         raise InputError(f"run {manifest.config.name} is public: anyone may join it; admission is for runs "

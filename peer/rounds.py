@@ -244,7 +244,9 @@ class RoundExchanger:
         if decision.base_root != state_root:
             why = f"the round built on consensus {decision.base_root[:16]}, this peer holds {state_root[:16]}"
             return Settled(decision, None, why, time.monotonic() - started, entered)
-        budget = time.monotonic() + self.averaging.round_deadline_seconds
+        # the fetch of the payloads the receipts name is bounded by round_deadline_seconds after their read
+        budget = time.monotonic() + max(0.0, self.clock.receipts_read(round_) - time.time()) \
+            + self.averaging.round_deadline_seconds
         left_out = None
         announcers = (*decision.members, *decision.waiting)
         payloads: dict[str, bytes] = {}
@@ -295,9 +297,13 @@ class RoundExchanger:
         # a quarter of the settle time is left to sign and store the receipt before it is due
         if (first := self.clock.held_by(round_) - self.clock.settle / 4 - time.time()) > 0:
             payloads = self._fetch(decision.members, {}, announcers, first)
-            if own is not None and own.failure is None and any(a.peer_id == self.peer_id for a in announcers):
+            signer = own is not None and own.failure is None and any(a.peer_id == self.peer_id for a in announcers)
+            if signer and time.time() <= self.clock.held_by(round_):  # a late receipt would not count
                 self._receipt(round_, decision.base_root, sorted(payloads))
-        while (wait := self.clock.receipts_read(round_) - time.time()) > 0 and not stop():
+        while (wait := self.clock.receipts_read(round_) - time.time()) > 0:
+            if stop():  # reading now would find few receipts and drop members others keep
+                return available(decision, {}, run_id=self.run_id, latest_time=0.0), payloads, \
+                    "stopped before the round's receipts were read"
             time.sleep(min(wait, 0.25))
         try:
             raw = self.node.fetch(receipt_key(self.run_id, round_))

@@ -51,7 +51,7 @@ from protocol.errors import (
 )
 from protocol.manifest import SignedManifest
 from protocol.policy import Admission, request_signature, token_problem
-from protocol.records import PeerProgress
+from protocol.records import JoinToken, PeerProgress
 from protocol.signing import key_id
 
 __all__ = ["PeerOptions", "run_peer"]
@@ -59,6 +59,8 @@ __all__ = ["PeerOptions", "run_peer"]
 _MANIFEST_WAIT = 30.0
 _BLOB_DEADLINE = 120.0
 """How long the swarm's peers are asked for one file of the run (a shard, the config, ...)."""
+_TOKEN_RENEW = 3600.0
+"""A private run's peer asks for a newer join token in the last this many seconds of its own."""
 _STATE_TRIES = 3
 """State downloads (the fallback) tried before training on from what this peer holds."""
 
@@ -187,6 +189,7 @@ class PeerProcess:
         self.progress_stored = -float("inf")
         self.announce_failure: str | None = None
         self.next_window = -1
+        self.token_checked = -float("inf")
         """Asynchronous: the window after the one this peer announced last (it may start early)."""
 
     def say(self, text: str) -> None:
@@ -437,7 +440,7 @@ class PeerProcess:
         if flight is None:
             return 0.0
         started = time.monotonic()
-        limit = self.clock.decided(flight.round) - time.time() + self.manifest.config.averaging.round_deadline_seconds + 30
+        limit = self.clock.receipts_read(flight.round) - time.time() + self.manifest.config.averaging.round_deadline_seconds + 30
         try:
             settled = flight.future.result(timeout=max(1.0, limit))
         except FutureTimeout:
@@ -491,9 +494,36 @@ class PeerProcess:
             self.say(f"round {window}: no training data ({error}); sitting this round out")
             return False
 
+    def _keep_token(self) -> None:
+        """A private run: in its join token's last hour, ask the coordinator for a newer one (every 5
+        minutes); once it has expired and none came, stop with one line saying what to ask for."""
+        if self.node.admission is None:
+            return
+        now, expires = time.time(), JoinToken.from_bytes(self.node.token).expires
+        if now < expires - _TOKEN_RENEW or (now - self.token_checked < 300 and now < expires):
+            return
+        self.token_checked = now
+        fresh = None
+        if self.client is not None:
+            try:
+                fresh = self.client.token(self.peer_id)
+            except (TransportError, DeadlineExceeded):
+                fresh = None
+        if fresh is not None and token_problem(fresh, self.node.admission, now=now,
+                                               peer_key=self.key.public_key_hex) is None:
+            renewed = JoinToken.from_bytes(fresh).expires
+            if renewed > expires:
+                self.node.present(fresh)
+                self.say(f"join token renewed: admitted until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(renewed))} UTC")
+                return
+        if now > expires:
+            raise InputError(f"this peer's join token expired at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))}"
+                             f" UTC: ask the run's coordinator to run: barnraise-coordinator admit {self.key.public_key_hex}")
+
     def _round(self) -> bool:
         """One window: catch up, inner steps until the window closes, announce, settle (async: in
         the background). Returns False when the peer should stop."""
+        self._keep_token()
         now = time.time()
         # asynchronous: the next window's steps start as soon as this one is announced, a moment
         # before it opens, so no compute time is lost to the announcement
@@ -589,9 +619,17 @@ def _admission(signed: SignedManifest, key, client: CoordinatorClient | None,
     if (problem := token_problem(token, admission, now=time.time(), peer_key=key.public_key_hex)) is not None:
         raise InputError(f"run {manifest.config.name} is private and this peer's join token does not admit it "
                          f"({problem}): {ask}")
-    if client is not None:  # its checkpoint files and the run's files are served to admitted keys only
-        client.auth = lambda path: request_signature(key, token, path, time.time())
     return admission, token
+
+
+def _token_signer(token: bytes | None) -> str | None:
+    """The coordinator key a given join token names: without --coordinator-key, the run to accept."""
+    if token is None:
+        return None
+    try:
+        return JoinToken.from_bytes(token).signer
+    except MalformedRecord as error:
+        raise InputError(f"--token: not a join token ({error})") from None
 
 
 def run_peer(options: PeerOptions) -> int:
@@ -613,11 +651,13 @@ def run_peer(options: PeerOptions) -> int:
         raise TransportError("no bootstrap address: give --coordinator URL or --initial-peers MULTIADDR")
     node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/0"], identity=key,
                      admission=admission, token=token)
+    if client is not None and admission is not None:  # checkpoint and run files go to admitted keys only
+        client.auth = lambda path: request_signature(key, node.token, path, time.time())
     process = None
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if signed is None:
-            signed = _manifest_from_swarm(node, options.coordinator_key)
+            signed = _manifest_from_swarm(node, options.coordinator_key or _token_signer(options.token))
             admission, token = _admission(signed, key, None, options.token)
             if admission is not None:
                 node.admit(admission, token)

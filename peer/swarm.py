@@ -130,6 +130,14 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
         except TimeoutError:
             raise DeadlineExceeded(f"the averager process did not answer {method} within {wait:.0f} s") from None
 
+    def present(self, token: bytes) -> None:
+        """(Peer process) carry ``token`` in this peer's requests from now on."""
+        self._call("_present", 10.0, token=token)
+
+    async def _present(self, token: bytes, future: MPFuture) -> None:
+        self._presented = token
+        future.set_result(True)
+
     def hold(self, payload: bytes, notify: Sequence[str] = ()) -> str:
         """(Peer process) keep ``payload`` in the store and serve it, and tell the peers ``notify``
         (libp2p ids) to fetch it at once, so that it outlives this peer; returns its sha256."""
@@ -411,6 +419,12 @@ class SwarmNode:
         seal this node's records with ``token``. Call before ``start_averager``."""
         self.admission, self.token = admission, token
         self.dht.run_coroutine(partial(_set_admission, admission=admission))
+
+    def present(self, token: bytes) -> None:
+        """A renewed join token: sealed into this node's records and carried by its requests from now on."""
+        self.token = token
+        if self.averager is not None:
+            self.averager.present(token)
 
     def start_averager(
         self,

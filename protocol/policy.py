@@ -320,9 +320,14 @@ def dht_record_problem(subkey: str | None, raw: object, expiration: float, now: 
             if admission is not None:
                 raw, token = unseal(raw)
             kind, record = _peer_record(raw)
-            if admission is not None and (problem := token_problem(token, admission, now=now,
-                                                                   peer_key=record.peer_key)) is not None:
-                return problem
+            if admission is not None:
+                # judged at the record's signed time, which every reader sees alike (a check against
+                # each reader's clock would drop whole dictionaries for some readers and not others)
+                if (problem := token_problem(token, admission, now=record.time, peer_key=record.peer_key)) is not None:
+                    return problem
+                expires = JoinToken.from_bytes(token).expires
+                if expiration > expires + MAX_TTL[kind] + CLOCK_SKEW:
+                    return f"{kind} asks to be kept {expiration - expires:.0f} s past its join token's expiry"
             if record.peer_id != subkey:
                 return f"stored under subkey {subkey[:16]!r}, signed by {record.peer_id}"
             if (problem := binding_problem(record)) is not None:

@@ -84,6 +84,12 @@ def test_a_private_runs_dht_keeps_only_records_sealed_with_their_signers_token()
     assert "no join token" in dht_record_problem(stranger, seal(_progress(STRANGER).to_bytes(), b""),
                                                  NOW + 60, NOW, ADMISSION)
     assert dht_record_problem(own, record, NOW + 60, NOW) is None, "a public run takes bare records"
+    # a token's expiry is judged at the record's signed time: readers whose clocks differ agree
+    short = _token(expires=NOW + 10)
+    assert dht_record_problem(own, seal(record, short), NOW + 60, NOW + 1000, ADMISSION) is None
+    assert "expired" in dht_record_problem(own, seal(record, _token(expires=NOW - 100)), NOW + 60, NOW, ADMISSION)
+    assert "past its join token's expiry" in dht_record_problem(own, seal(record, _token(expires=NOW - 20)),
+                                                                NOW + 140, NOW, ADMISSION)
 
 
 def test_a_private_runs_dht_keeps_only_its_coordinators_manifest():
