@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import save as save_safetensors
 
+from peer.admission import TokenKeeper, join_token, token_signer
 from peer.assets import TOKENIZER_MAX_BYTES, coordinator_source, open_assets
 from peer.coordinator_client import CoordinatorClient
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_quorum
@@ -44,14 +45,13 @@ from protocol.errors import (
     BarnraiseError,
     DeadlineExceeded,
     HashMismatch,
-    InputError,
     MalformedRecord,
     TransportError,
     VerificationError,
 )
 from protocol.manifest import SignedManifest
-from protocol.policy import Admission, request_signature, token_problem
-from protocol.records import JoinToken, PeerProgress
+from protocol.policy import request_signature
+from protocol.records import PeerProgress
 from protocol.signing import key_id
 
 __all__ = ["PeerOptions", "run_peer"]
@@ -59,8 +59,6 @@ __all__ = ["PeerOptions", "run_peer"]
 _MANIFEST_WAIT = 30.0
 _BLOB_DEADLINE = 120.0
 """How long the swarm's peers are asked for one file of the run (a shard, the config, ...)."""
-_TOKEN_RENEW = 3600.0
-"""A private run's peer asks for a newer join token in the last this many seconds of its own."""
 _STATE_TRIES = 3
 """State downloads (the fallback) tried before training on from what this peer holds."""
 
@@ -189,7 +187,8 @@ class PeerProcess:
         self.progress_stored = -float("inf")
         self.announce_failure: str | None = None
         self.next_window = -1
-        self.token_checked = -float("inf")
+        self.token = TokenKeeper(node, client, self.key, self.say)
+        """A private run: this peer's join token, renewed before it expires."""
         """Asynchronous: the window after the one this peer announced last (it may start early)."""
 
     def say(self, text: str) -> None:
@@ -494,36 +493,10 @@ class PeerProcess:
             self.say(f"round {window}: no training data ({error}); sitting this round out")
             return False
 
-    def _keep_token(self) -> None:
-        """A private run: in its join token's last hour, ask the coordinator for a newer one (every 5
-        minutes); once it has expired and none came, stop with one line saying what to ask for."""
-        if self.node.admission is None:
-            return
-        now, expires = time.time(), JoinToken.from_bytes(self.node.token).expires
-        if now < expires - _TOKEN_RENEW or (now - self.token_checked < 300 and now < expires):
-            return
-        self.token_checked = now
-        fresh = None
-        if self.client is not None:
-            try:
-                fresh = self.client.token(self.peer_id)
-            except (TransportError, DeadlineExceeded):
-                fresh = None
-        if fresh is not None and token_problem(fresh, self.node.admission, now=now,
-                                               peer_key=self.key.public_key_hex) is None:
-            renewed = JoinToken.from_bytes(fresh).expires
-            if renewed > expires:
-                self.node.present(fresh)
-                self.say(f"join token renewed: admitted until {time.strftime('%Y-%m-%d %H:%M', time.gmtime(renewed))} UTC")
-                return
-        if now > expires:
-            raise InputError(f"this peer's join token expired at {time.strftime('%Y-%m-%d %H:%M', time.gmtime(expires))}"
-                             f" UTC: ask the run's coordinator to run: barnraise-coordinator admit {self.key.public_key_hex}")
-
     def _round(self) -> bool:
         """One window: catch up, inner steps until the window closes, announce, settle (async: in
         the background). Returns False when the peer should stop."""
-        self._keep_token()
+        self.token.keep()
         now = time.time()
         # asynchronous: the next window's steps start as soon as this one is announced, a moment
         # before it opens, so no compute time is lost to the announcement
@@ -604,34 +577,6 @@ def _saved_samples(path: Path, run_id: str) -> int:
     return 0
 
 
-def _admission(signed: SignedManifest, key, client: CoordinatorClient | None,
-               given: bytes | None) -> tuple[Admission | None, bytes]:
-    """A private run's gate and this peer's join token for it (given, or fetched from the
-    coordinator), checked; (None, b"") for a public run. Refuses in one line without a valid one."""
-    manifest = signed.manifest
-    admission = Admission.of(manifest)
-    if admission is None:
-        return None, b""
-    token = given if given is not None else client.token(key_id(key.public_key_hex)) if client is not None else None
-    ask = f"ask its coordinator to run: barnraise-coordinator admit {key.public_key_hex}"
-    if token is None:
-        raise InputError(f"run {manifest.config.name} is private and this peer's key is not admitted: {ask}")
-    if (problem := token_problem(token, admission, now=time.time(), peer_key=key.public_key_hex)) is not None:
-        raise InputError(f"run {manifest.config.name} is private and this peer's join token does not admit it "
-                         f"({problem}): {ask}")
-    return admission, token
-
-
-def _token_signer(token: bytes | None) -> str | None:
-    """The coordinator key a given join token names: without --coordinator-key, the run to accept."""
-    if token is None:
-        return None
-    try:
-        return JoinToken.from_bytes(token).signer
-    except MalformedRecord as error:
-        raise InputError(f"--token: not a join token ({error})") from None
-
-
 def run_peer(options: PeerOptions) -> int:
     """Join and train; returns the exit code. Raises ``BarnraiseError`` with a one-line reason."""
     if options.threads:
@@ -643,7 +588,7 @@ def run_peer(options: PeerOptions) -> int:
     if client is not None:
         signed = client.manifest()
         signed.verify(options.coordinator_key)
-        admission, token = _admission(signed, key, client, options.token)
+        admission, token = join_token(signed, key, client, options.token)
         bootstrap = client.bootstrap()
     else:
         bootstrap = list(options.initial_peers)
@@ -657,8 +602,8 @@ def run_peer(options: PeerOptions) -> int:
     previous = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         if signed is None:
-            signed = _manifest_from_swarm(node, options.coordinator_key or _token_signer(options.token))
-            admission, token = _admission(signed, key, None, options.token)
+            signed = _manifest_from_swarm(node, options.coordinator_key or token_signer(options.token))
+            admission, token = join_token(signed, key, None, options.token)
             if admission is not None:
                 node.admit(admission, token)
         process = PeerProcess(options, node, signed, client)
