@@ -20,6 +20,8 @@ is content, never another peer's signature.
     poison       serves NaN parameters to joiners, under a record naming the honest root
     endless      serves joiners an endless state stream and payload fetchers an endless stream
     flood        every round stores 500 junk values and 200 sybil-signed progress records
+    copy         sends 1.5 times another member's payload of the round before instead of its own Δ
+                 (work it did not do: a spot check catches it, docs/protocol.md §10.6)
 """
 
 from __future__ import annotations
@@ -35,15 +37,33 @@ from hivemind.p2p import P2PContext  # the endless handlers' annotations are rea
 from hivemind.proto import averaging_pb2
 
 BEHAVIOURS = ("flip", "scale", "noise", "nan", "replay", "round", "future", "base_root", "equivocate", "spoof",
-              "poison", "endless", "flood")
+              "poison", "endless", "flood", "copy")
 
 
 def _patch_payloads(behaviour: str) -> None:
     from peer import rounds
 
     original = rounds.RoundExchanger.announce
+    copied: list[torch.Tensor] = []
+
+    if behaviour == "copy":
+        original_settle = rounds.RoundExchanger.settle
+
+        def settle(self, round_, state_root, own=None, *args, **kwargs):
+            settled = original_settle(self, round_, state_root, own, *args, **kwargs)
+            others = [m for m in (settled.decision.members if settled.decision else ()) if m.peer_id != self.peer_id]
+            if others:
+                got = self.node.fetch_payloads([(others[0].payload_sha256, others[0].payload_size,
+                                                 [others[0].p2p_id])], 5.0)
+                if others[0].payload_sha256 in got:
+                    copied[:] = [rounds.decode(got[others[0].payload_sha256], self.codec, self.numel)]
+            return settled
+
+        rounds.RoundExchanger.settle = settle
 
     def announce(self, work, delta, *, base_root):
+        if behaviour == "copy" and copied:
+            delta = copied[0] * 1.5
         if behaviour == "flip":
             delta = -delta
         elif behaviour == "scale":
@@ -210,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"usage: python -m bench.hostile_peer --behaviour {{{','.join(BEHAVIOURS)}}} join ...", file=sys.stderr)
         return 2
     behaviour = argv[1]
-    if behaviour in ("flip", "scale", "noise", "base_root", "equivocate"):
+    if behaviour in ("flip", "scale", "noise", "base_root", "equivocate", "copy"):
         _patch_payloads(behaviour)
     if behaviour in ("nan", "replay", "spoof"):
         _patch_compressed(behaviour)

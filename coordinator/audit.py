@@ -3,20 +3,31 @@
     barnraise-audit verify --ledger ledger.jsonl --public-key coordinator.pub --checkpoints checkpoints/
     barnraise-audit verify --ledger https://coordinator.example/ledger.jsonl --public-key coordinator.pub
     barnraise-audit verify --ledger ledger.jsonl --public-key coordinator.pub --export exported-model/
+    barnraise-audit verify --ledger ledger.jsonl --public-key coordinator.pub --format json
     barnraise-audit hash checkpoints/r000042 --tensors
 
 Exit status: 0 when everything checked holds; 1 when a check fails (one stderr line, ``audit failed:
 ...``, names the first failure); 2 when the input is unusable (a missing file, an unreachable URL,
 a malformed ledger, an unreadable key), also one line.
 
-Imports only ``protocol``, the standard library and ``safetensors``: auditors need nothing else.
+``--format json`` prints one JSON object on stdout instead (docs/auditor.md); the exit status and
+the stderr line stay the same.
+
+Imports only ``protocol``'s torch-free modules, the standard library and ``safetensors``: auditors
+need nothing else (``tests/test_light_install.py`` runs it with torch and hivemind unimportable).
+Tensor digests are therefore computed from the file's bytes, not through torch; they equal
+``protocol.hashing.tensor_digest`` of the loaded tensor, which ``tests/test_audit.py`` checks.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import hashlib
 import json
+import math
 import os
+import struct
 import sys
 import time
 import urllib.error
@@ -24,7 +35,7 @@ import urllib.request
 from dataclasses import dataclass
 from http.client import HTTPException
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, BinaryIO, NamedTuple
 
 from safetensors import SafetensorError, safe_open
 
@@ -38,20 +49,20 @@ from protocol.errors import (
     TransportError,
     VerificationError,
 )
-from protocol.hashing import root_from_digests, sha256_stream, tensor_digest
 from protocol.ledger import checkpoint_dir_name, entries_from_jsonl, verify_chain
 from protocol.records import FileRecord, LedgerEntry
 from protocol.signing import key_id, public_key_from_pem
 
 __all__ = [
-    "LEDGER_MAX_BYTES", "FETCH_TIMEOUT_S", "FETCH_DEADLINE_S", "FileHashes", "AuditSummary",
-    "hash_safetensors_file", "file_record", "verify_recorded_roots", "verify_checkpoint_files",
-    "read_ledger", "read_public_key", "audit", "verify_export", "main",
+    "LEDGER_MAX_BYTES", "FETCH_TIMEOUT_S", "FETCH_DEADLINE_S", "REPORT_VERSION", "FileHashes", "AuditSummary",
+    "CheckpointResult", "hash_safetensors_file", "file_record", "verify_recorded_roots", "verify_checkpoint_files",
+    "check_checkpoints", "read_ledger", "read_public_key", "audit", "verify_export", "main",
 ]
 
 LEDGER_MAX_BYTES = 256 * 1024 * 1024  # from a URL; an entry holds every tensor's digest, tens of KiB
 FETCH_TIMEOUT_S = 30.0  # deadline to connect to a ledger URL, and for each read from it
 FETCH_DEADLINE_S = 600.0  # deadline for the whole download
+REPORT_VERSION = 1  # of the --format json object; a change of its keys' meaning bumps it
 
 
 class FileHashes(NamedTuple):
@@ -76,19 +87,123 @@ class AuditSummary:
     bytes: int
 
 
+@dataclass(frozen=True, kw_only=True)
+class CheckpointResult:
+    """One ledger entry's files checked against a checkpoints folder (``--format json`` lists these)."""
+
+    seq: int
+    round: int
+    checkpoint_root: str
+    problem: str | None  # the first mismatch, as ``audit failed: ...`` names it; None when every file holds
+    files: int  # what the entry records: its files, their tensors and bytes
+    tensors: int
+    bytes: int
+
+
+# The canonical hash (protocol/hashing.py's docstring), over a safetensors file's bytes.
+_TENSOR_TAG = b"barnraise.tensor.v1\x00"
+_ROOT_TAG = b"barnraise.root.v1\x00"
+_ITEM_BYTES = {"F64": 8, "F32": 4, "F16": 2, "BF16": 2, "I64": 8, "I32": 4, "I16": 2, "I8": 1, "U8": 1, "BOOL": 1}
+_BOOL_BYTES = bytes([0] + [1] * 255)  # torch reads any non-zero byte of a BOOL tensor as True, hashed as 1
+_CHUNK_BYTES = 1 << 20
+
+
+class _TensorSpan(NamedTuple):
+    """A tensor of a safetensors file: its header entry, its bytes at ``begin:end`` of the data."""
+
+    name: str
+    dtype: str
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+def _name_bytes(name: str) -> bytes:
+    if not name:
+        raise InputError("a tensor name must be a non-empty string")
+    try:
+        return name.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InputError(f"tensor name {name!r} is not valid UTF-8") from None
+
+
+def _root_from_digests(digests: dict[str, bytes]) -> str:
+    root = hashlib.sha256(_ROOT_TAG + struct.pack("<Q", len(digests)))
+    for name_raw, digest in sorted((_name_bytes(name), digest) for name, digest in digests.items()):
+        if len(digest) != 32:
+            raise InputError("a tensor digest must be 32 bytes")
+        root.update(struct.pack("<I", len(name_raw)) + name_raw + digest)
+    return root.hexdigest()
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    if len({key for key, _ in pairs}) != len(pairs):
+        raise ValueError("a name appears twice in the header")
+    return dict(pairs)
+
+
+def _span(name: str, spec: Any) -> _TensorSpan:
+    """Check one header entry; safetensors already did, this guards the reads that follow."""
+    if not isinstance(spec, dict) or not name:
+        raise ValueError(f"bad header entry for {name!r}")
+    dtype, shape, offsets = spec.get("dtype"), spec.get("shape"), spec.get("data_offsets")
+    if dtype not in _ITEM_BYTES:
+        raise InputError(f"tensor {name!r} has unsupported dtype {dtype}")
+    if not isinstance(shape, list) or not all(type(d) is int and 0 <= d < 1 << 64 for d in shape) \
+            or not isinstance(offsets, list) or len(offsets) != 2 or not all(type(o) is int for o in offsets) \
+            or not 0 <= offsets[0] <= offsets[1] or offsets[1] - offsets[0] != math.prod(shape) * _ITEM_BYTES[dtype]:
+        raise ValueError(f"bad header entry for {name!r}")
+    return _TensorSpan(name, dtype, tuple(shape), offsets[0], offsets[1])
+
+
+def _read_spans(path: Path, size: int) -> tuple[int, list[_TensorSpan]]:
+    """Where each tensor's bytes lie: (offset of the data in the file, one span per tensor)."""
+    try:
+        # safetensors checks the header and that the tensors tile the data exactly; numpy, not torch.
+        with safe_open(str(path), framework="numpy"):
+            pass
+        with path.open("rb") as stream:
+            header_len = int.from_bytes(stream.read(8), "little")
+            header = json.loads(stream.read(header_len), object_pairs_hook=_unique_keys)
+        spans = [_span(name, spec) for name, spec in header.items() if name != "__metadata__"]
+    except (SafetensorError, ValueError, AttributeError, RecursionError) as error:
+        raise InputError(f"not a valid safetensors file ({error})") from None
+    if any(8 + header_len + span.end > size for span in spans):
+        raise InputError("not a valid safetensors file (a tensor ends past the end of the file)")
+    return 8 + header_len, spans
+
+
+def _span_digest(span: _TensorSpan, stream: BinaryIO, data_start: int) -> bytes:
+    """``protocol.hashing.tensor_digest`` of the tensor, from its little-endian bytes in the file."""
+    name_raw = _name_bytes(span.name)
+    digest = hashlib.sha256(_TENSOR_TAG)
+    digest.update(struct.pack("<I", len(name_raw)) + name_raw)
+    digest.update(struct.pack("<I", len(span.dtype)) + span.dtype.encode("ascii"))
+    digest.update(struct.pack("<I", len(span.shape)) + b"".join(struct.pack("<Q", d) for d in span.shape))
+    digest.update(struct.pack("<Q", span.end - span.begin))
+    stream.seek(data_start + span.begin)
+    left = span.end - span.begin
+    while left:  # a chunk at a time, so a file larger than memory can still be checked
+        chunk = stream.read(min(left, _CHUNK_BYTES))
+        if not chunk:
+            raise InputError(f"not a valid safetensors file (it ends inside tensor {span.name!r})")
+        digest.update(chunk.translate(_BOOL_BYTES) if span.dtype == "BOOL" else chunk)
+        left -= len(chunk)
+    return digest.digest()
+
+
 def _measure(path: Path) -> FileHashes:
     """Hash a safetensors file; ``InputError`` (without the path) if it is not valid safetensors."""
     with path.open("rb") as stream:
         size = os.fstat(stream.fileno()).st_size
-        sha256 = sha256_stream(stream)
-    try:
-        # One tensor at a time, so a file larger than memory can still be checked.
-        with safe_open(str(path), framework="pt", device="cpu") as handle:
-            tensors = {name: tensor_digest(name, handle.get_tensor(name)).hex() for name in handle.keys()}
-    except (SafetensorError, TypeError, RuntimeError) as error:  # odd shapes surface as TypeError/RuntimeError
-        raise InputError(f"not a valid safetensors file ({error})") from None
-    root = root_from_digests((name, bytes.fromhex(digest)) for name, digest in tensors.items())
-    return FileHashes(root=root, sha256=sha256, size=size, tensors=tensors)
+        digest = hashlib.sha256()
+        while chunk := stream.read(_CHUNK_BYTES):
+            digest.update(chunk)
+    data_start, spans = _read_spans(path, size)
+    with path.open("rb") as stream:
+        digests = {span.name: _span_digest(span, stream, data_start) for span in spans}
+    return FileHashes(root=_root_from_digests(digests), sha256=digest.hexdigest(), size=size,
+                      tensors={name: raw.hex() for name, raw in digests.items()})
 
 
 def hash_safetensors_file(path: str | os.PathLike[str]) -> FileHashes:
@@ -111,7 +226,7 @@ def verify_recorded_roots(entry: LedgerEntry) -> None:
     for record in entry.files:
         where = f"ledger entry {entry.seq}, file {record.name}"
         try:
-            root = root_from_digests((name, bytes.fromhex(digest)) for name, digest in record.tensors.items())
+            root = _root_from_digests({name: bytes.fromhex(digest) for name, digest in record.tensors.items()})
         except (InputError, ValueError) as error:
             raise HashMismatch(f"{where}: recorded tensor digests are invalid ({error})") from None
         if root != record.root:
@@ -156,6 +271,22 @@ def verify_checkpoint_files(entry: LedgerEntry, folder: str | os.PathLike[str]) 
         _verify_file(record, Path(folder) / subfolder / record.name, where, f"{subfolder}/{record.name}")
         if index == 0 and record.root != entry.checkpoint_root:
             raise HashMismatch(f"{where}: its root is not the entry's checkpoint_root")
+
+
+def check_checkpoints(entries: list[LedgerEntry], folder: str | os.PathLike[str]) -> list[CheckpointResult]:
+    """``verify_checkpoint_files`` for each entry, going on past a mismatch: one result per entry."""
+    results = []
+    for entry in entries:
+        try:
+            verify_checkpoint_files(entry, folder)
+            problem = None
+        except HashMismatch as error:
+            problem = str(error)
+        results.append(CheckpointResult(seq=entry.seq, round=entry.round, checkpoint_root=entry.checkpoint_root,
+                                        problem=problem, files=len(entry.files),
+                                        tensors=sum(len(r.tensors) for r in entry.files),
+                                        bytes=sum(r.size for r in entry.files)))
+    return results
 
 
 def _fetch(url: str, max_bytes: int) -> bytes:
@@ -282,6 +413,9 @@ def _build_parser() -> argparse.ArgumentParser:
     hash_.add_argument("path", type=Path, help="a .safetensors file, or a folder of them")
     hash_.add_argument("--tensors", action="store_true", help="also print each tensor's digest")
     hash_.set_defaults(run=_run_hash)
+    for command in (verify, hash_):
+        command.add_argument("--format", choices=("text", "json"), default="text",
+                             help="text (default) or one JSON object on stdout; exit status and stderr are the same")
     return parser
 
 
@@ -290,6 +424,10 @@ def _run_verify(args: argparse.Namespace) -> int:
         raise InputError(f"checkpoints folder {args.checkpoints} does not exist")
     public_key_hex = read_public_key(args.public_key)
     entries = read_ledger(args.ledger)
+    if args.format == "json":
+        report = _verify_report(entries, public_key_hex, args)
+        _print_json(report)
+        return _fail(1, f"audit failed: {report['problems'][0]}") if report["problems"] else 0
     summary = audit(entries, public_key_hex, args.checkpoints, last_only=args.last_only)
     exported = verify_export(entries, args.export) if args.export is not None else None
     print(f"ledger ok: {summary.entries} entries of run {summary.run_id}, last round {summary.last_round}, "
@@ -302,6 +440,35 @@ def _run_verify(args: argparse.Namespace) -> int:
     return 0
 
 
+def _verify_report(entries: list[LedgerEntry], public_key_hex: str, args: argparse.Namespace) -> dict[str, Any]:
+    """What ``verify --format json`` prints. Unlike the text report it goes on past a failed checkpoint
+    (each entry gets its result); a ledger that fails leaves the checkpoints and the export unchecked."""
+    problems: list[str] = []
+    ledger = {"ok": True, "entries": len(entries), "run_id": entries[-1].run_id if entries else None,
+              "last_round": entries[-1].round if entries else None, "key_id": key_id(public_key_hex)}
+    checkpoints = export = None
+    try:
+        audit(entries, public_key_hex)  # the chain, the signatures, each entry's recorded roots
+    except VerificationError as error:
+        ledger["ok"] = False
+        problems.append(str(error))
+    if ledger["ok"] and args.checkpoints is not None:
+        results = check_checkpoints(entries[-1:] if args.last_only else entries, args.checkpoints)
+        checkpoints = [{"ok": r.problem is None, **dataclasses.asdict(r)} for r in results]
+        problems += [r.problem for r in results if r.problem is not None]
+    if ledger["ok"] and args.export is not None:
+        export = {"ok": True, "path": str(args.export), "problem": None, "seq": None, "round": None,
+                  "checkpoint_root": None}
+        try:
+            entry = verify_export(entries, args.export)
+            export.update(seq=entry.seq, round=entry.round, checkpoint_root=entry.checkpoint_root)
+        except VerificationError as error:
+            export.update(ok=False, problem=str(error))
+            problems.append(str(error))
+    return {"version": REPORT_VERSION, "command": "verify", "ok": not problems, "error": None,
+            "problems": problems, "ledger": ledger, "checkpoints": checkpoints, "export": export}
+
+
 def _run_hash(args: argparse.Namespace) -> int:
     path: Path = args.path
     if not path.exists():
@@ -310,13 +477,25 @@ def _run_hash(args: argparse.Namespace) -> int:
                    key=lambda p: p.name.encode()) if path.is_dir() else [path]
     if not files:
         raise InputError(f"no .safetensors files in {path}")
+    reports = []
     for file in files:
         hashes = hash_safetensors_file(file)
+        tensors = {name: hashes.tensors[name] for name in sorted(hashes.tensors, key=str.encode)}
+        if args.format == "json":
+            reports.append({"path": str(file), "size": hashes.size, "sha256": hashes.sha256,
+                            "checkpoint_root": hashes.root, "tensors": tensors if args.tensors else None})
+            continue
         print(f"file {file}\nsize {hashes.size}\nsha256 {hashes.sha256}\ncheckpoint_root {hashes.root}")
         if args.tensors:
-            for name in sorted(hashes.tensors, key=str.encode):
-                print(f"{hashes.tensors[name]} {name}")
+            for name, digest in tensors.items():
+                print(f"{digest} {name}")
+    if args.format == "json":
+        _print_json({"version": REPORT_VERSION, "command": "hash", "ok": True, "error": None, "files": reports})
     return 0
+
+
+def _print_json(report: dict[str, Any]) -> None:
+    print(json.dumps(report, indent=2))
 
 
 def _fail(status: int, line: str) -> int:
@@ -326,12 +505,16 @@ def _fail(status: int, line: str) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     """Run ``barnraise-audit``; return the exit status (0 ok, 1 a check failed, 2 bad input)."""
+    args = None
     try:
         args = _build_parser().parse_args(argv)
         return args.run(args)
     except VerificationError as error:
         return _fail(1, f"audit failed: {error}")
     except (BarnraiseError, OSError) as error:
+        if args is not None and args.format == "json":  # a usage error has no args, and prints no JSON
+            _print_json({"version": REPORT_VERSION, "command": args.command, "ok": False,
+                         "error": " ".join(str(error).split()), "problems": []})
         return _fail(2, f"barnraise-audit: error: {error}")
     except KeyboardInterrupt:
         return _fail(130, "barnraise-audit: interrupted")

@@ -48,6 +48,8 @@ class CheckpointWriter:
             shutil.rmtree(leftover, ignore_errors=True)
         self.model_config = manifest.config.model
         self.config_json = config_json
+        self.corpus = corpus
+        """The run's training data too: spot checks replay peers' rounds on it (``coordinator.spotcheck``)."""
         self.blobs = blobs
         self.model = build_model(self.model_config, config_json)
         self.layout = StateLayout.of(self.model)

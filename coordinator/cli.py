@@ -1,6 +1,8 @@
 """``barnraise-coordinator launch RUN.toml [--workdir DIR]``: launch or resume a run.
 ``barnraise-coordinator export --workdir DIR [--round N] OUT``: a checkpoint as a Hugging Face folder.
-``barnraise-coordinator admit --workdir DIR KEY [--days N]``: let a volunteer key join a private run."""
+``barnraise-coordinator admit --workdir DIR KEY [--days N]``: let a volunteer key join a private run.
+``barnraise-coordinator credit --workdir DIR [--format json]``: verified samples per volunteer key.
+``barnraise-coordinator spot-check --workdir DIR CHECK [--format json]``: rerun a kept spot check."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ from pathlib import Path
 
 from peer.lifeline import bind_children_to_this_process
 from protocol.cli import OneLineParser, run_command
+from protocol.extras import require_extra
+from protocol.terminal import Terminal
 
 __all__ = ["main"]
 
@@ -33,6 +37,14 @@ def _parser() -> OneLineParser:
                        "prints it) or a PEM file")
     admit.add_argument("--workdir", type=Path, default=Path("barnraise-run"), help="the run's coordinator folder")
     admit.add_argument("--days", type=float, default=365.0, help="days the token admits for (default 365)")
+    check = commands.add_parser("spot-check", help="rerun a kept spot check (checks/r000042-<peer id>) and compare")
+    check.add_argument("folder", type=Path, metavar="CHECK", help="the check's folder (in WORKDIR/checks/)")
+    check.add_argument("--workdir", type=Path, default=Path("barnraise-run"), help="the run's coordinator folder")
+    check.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+    credit = commands.add_parser("credit", help="the leaderboard: verified samples per volunteer key, from the ledger")
+    credit.add_argument("--workdir", type=Path, default=Path("barnraise-run"), help="the run's coordinator folder")
+    credit.add_argument("--format", choices=("text", "json"), default="text", help="text (default) or json")
+    credit.add_argument("--top", type=int, default=100, metavar="N", help="the N largest (default 100)")
     return parser
 
 
@@ -42,7 +54,60 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
-    return {"export": _export, "admit": _admit}.get(args.command, _launch)(args)
+    if args.command != "credit":  # credit reads the ledger only: the core install runs it
+        require_extra("swarm", "barnraise-coordinator")
+    return {"export": _export, "admit": _admit, "credit": _credit,
+            "spot-check": _spot_check}.get(args.command, _launch)(args)
+
+
+def _spot_check(args: argparse.Namespace) -> int:
+    import json
+
+    from coordinator.spotcheck import MAX_NORM_DIFFERENCE, MIN_COSINE, rerun_in_workdir
+
+    result = rerun_in_workdir(args.workdir, args.folder)
+    if args.format == "json":
+        print(json.dumps(result, indent=2, sort_keys=True))
+    else:
+        how = "bitwise" if result["bitwise"] else (
+            f"cosine {result['cosine']:.4f}, norm ratio {result['norm_ratio']:.3f}; passing needs a cosine of at least "
+            f"{MIN_COSINE} and a ratio within {MAX_NORM_DIFFERENCE:.0%} of 1")
+        print(f"round {result['round']}, peer {result['peer_id']}: {'passed' if result['passed'] else 'FAILED'} "
+              f"({how}); the ledger says {result['ledger_verdict'] or 'nothing yet'}")
+    return 0 if result["agrees"] else 1
+
+
+def _credit(args: argparse.Namespace) -> int:
+    import json
+
+    from coordinator.runpage import leaderboard
+    from protocol.errors import InputError
+    from protocol.ledger import entries_from_jsonl, verify_chain
+    from protocol.signing import public_key_from_pem
+
+    try:
+        text = (args.workdir / "ledger.jsonl").read_text(encoding="utf-8")
+        key = public_key_from_pem((args.workdir / "coordinator.pub").read_bytes())
+    except OSError as error:
+        raise InputError(f"--workdir {args.workdir}: no run's ledger there ({error.strerror or error})") from None
+    entries = entries_from_jsonl(text)
+    verify_chain(entries, key)  # credit is read only from a ledger whose every entry this key signed
+    head = entries[-1]
+    board = leaderboard({c.peer_id: c.samples for c in head.contributors}, limit=max(1, args.top))
+    if args.format == "json":
+        print(json.dumps({"run_id": head.run_id, "ledger_entry": head.seq, "round": head.round,
+                          "total_samples": head.total_samples, "leaderboard": board}, indent=2))
+        return 0
+    terminal = Terminal()
+    terminal.line(f"run {head.run_id}, ledger entry {head.seq} (round {head.round}): {head.total_samples:,} verified "
+                  f"samples, {len(head.contributors)} volunteer keys")
+    if not board:
+        terminal.line("no verified samples yet")
+        return 0
+    terminal.table(["#", "key", "samples", "share"],
+                   [[r["rank"], r["peer_id"], f"{r['samples']:,}", f"{100 * r['share']:.1f} %"] for r in board],
+                   right=(0, 2, 3))
+    return 0
 
 
 def _admit(args: argparse.Namespace) -> int:
@@ -78,7 +143,7 @@ def _launch(args: argparse.Namespace) -> int:
     options = CoordinatorOptions(
         run_config=args.run_config, workdir=args.workdir, host=args.host, http_port=args.http_port,
         start_in=max(0.0, args.start_in),
-        on_line=lambda line: print(line, flush=True),
+        on_line=Terminal().line,
     )
     return serve(options)
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from coordinator.children import Child
 from protocol.errors import BarnraiseError
+from protocol.extras import require_extra
 
 __all__ = ["main", "DEMO_RUN"]
 
@@ -167,6 +168,7 @@ def run_demo(workdir: Path, peer_count: int, minutes: float, run: Path | None = 
 
 
 def main(argv: list[str] | None = None) -> int:
+    require_extra("swarm", "barnraise-demo")
     parser = argparse.ArgumentParser(prog="barnraise-demo", description="A local demo swarm, then an audit.")
     parser.add_argument("--peers", type=int, default=3, help="peer processes (default 3)")
     parser.add_argument("--minutes", type=float, default=2.0, help="minutes of training (default 2)")

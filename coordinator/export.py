@@ -35,7 +35,7 @@ from protocol.manifest import RunManifest, SignedManifest, blob_digest, is_blob_
 from protocol.records import LedgerEntry
 from protocol.signing import key_id
 
-__all__ = ["ExportSummary", "export_checkpoint", "byte_tokenizer_json", "EXPORT_RECORD"]
+__all__ = ["ExportSummary", "export_checkpoint", "byte_tokenizer_json", "EXPORT_RECORD", "read_run"]
 
 EXPORT_RECORD = "barnraise.json"
 """The export's record of where its weights come from (read by ``barnraise-audit verify --export``)."""
@@ -72,7 +72,8 @@ def byte_tokenizer_json() -> bytes:
     return tokenizer.to_str().encode()
 
 
-def _read_run(workdir: Path) -> tuple[RunManifest, list[LedgerEntry]]:
+def read_run(workdir: Path) -> tuple[RunManifest, list[LedgerEntry]]:
+    """A coordinator workdir's manifest and ledger, both verified under the manifest's key."""
     path = workdir / "manifest.msgpack"
     if not path.is_file():
         raise InputError(f"{workdir} holds no launched run (no manifest.msgpack)")
@@ -166,7 +167,7 @@ def export_checkpoint(workdir: Path, out: Path, round: int | None = None) -> Exp
     """Write the ledger's checkpoint of ``round`` (default: the latest) of the run in ``workdir`` to ``out``."""
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise InputError(f"{out} exists and is not an empty folder")
-    manifest, entries = _read_run(workdir)
+    manifest, entries = read_run(workdir)
     entry = _pick(entries, round)
     checkpoints = workdir / "checkpoints"
     verify_checkpoint_files(entry, checkpoints)

@@ -5,14 +5,16 @@ round is decided it reads the round's announcements, fetches the members' payloa
 holder, checks each against its announced sha256, and takes the same outer step
 (``peer.rounds.RoundExchanger.settle``, ``peer.state.outer_step``). Checkpoints are then written
 from that state: computed from verified payloads, not taken on one donor's word, and no volunteer
-uploads a full state for them. Credit is the samples of the payloads a round's update holds.
+uploads a full state for them. Credit is the samples of the payloads a round's update holds
+that another peer signed it held (``Settled.credit``): a lone announcer's rounds earn none.
 """
 
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
-from peer.rounds import ANNOUNCE_ROUNDS, RoundExchanger, clock_of
+from peer.rounds import ANNOUNCE_ROUNDS, RoundExchanger, Settled, clock_of
 from peer.state import RoundState, StateLayout, outer_step
 from peer.swarm import SwarmNode
 from protocol.manifest import RunManifest
@@ -30,7 +32,7 @@ class Follower:
     """Replays decided rounds onto ``state``; ``changed`` says whether any round moved it."""
 
     def __init__(self, node: SwarmNode, manifest: RunManifest, state: RoundState, layout: StateLayout,
-                 head: LedgerEntry):
+                 head: LedgerEntry, observe: Callable[[Settled, RoundState], None] = lambda settled, state: None):
         self.exchanger = RoundExchanger(node, manifest, None, FOLLOWER_ID, None, layout.size)
         self.clock = clock_of(manifest)
         self.training = manifest.config.training
@@ -45,6 +47,8 @@ class Follower:
         """The latest round was void here: whether the swarm applied it is known only at the next round."""
         self.problem: str | None = None
         """Why the latest round could not be replayed (retried next time), or None."""
+        self.observe = observe
+        """Called with every round replayed and the state it started from (metrics, spot checks)."""
 
     def next_due(self) -> float:
         """Unix time at which the next round can be replayed (its receipts are read)."""
@@ -69,6 +73,7 @@ class Follower:
             # void here (a payload nobody served us) may be applied by the swarm: the next round's
             # base root tells; until then this state is not checkpointed
             self.unconfirmed = settled.void is not None
+            self.observe(settled, self.state)
             before = self.state
             self._apply(settled.update, settled.credit)
             self.before = (before, () if self.state.void is not None else settled.credit)

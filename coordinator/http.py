@@ -17,6 +17,9 @@ every response here is either signed bytes, JSON Lines we already produce, or a 
                          tokenizer, data index, token shards); only those are in the folder
     GET /token/<peer id> a private run's join token for that volunteer key (no secret: it admits
                          only the holder of the key's private half)
+    GET /                the run page (``coordinator.runpage``; files from ``coordinator/static/``)
+    GET /api/run         the run page's data (JSON)
+    GET /metrics         Prometheus metrics (``coordinator.metrics``)
 
 In a private run, checkpoint files and blobs are served only to a request signed by an admitted
 key (``protocol.policy.request_problem``): 403 with the reason otherwise.
@@ -31,6 +34,7 @@ from pathlib import Path
 
 from aiohttp import web
 
+from coordinator.runpage import STATIC_FILES
 from protocol.multiaddr import BOOTSTRAP_MAX_ADDRESSES, checked_multiaddrs
 from protocol.policy import AUTH_HEADER
 
@@ -39,6 +43,10 @@ __all__ = ["build_app", "HttpView"]
 _CHECKPOINT_DIR = re.compile(r"\Ar[0-9]{6}\Z")  # not \d: it takes any Unicode digit
 _CHECKPOINT_FILE = re.compile(r"\A[A-Za-z0-9_.-]{1,128}\.safetensors\Z")
 _BLOB = re.compile(r"\A[0-9a-f]{64}\Z")
+_STATIC = Path(__file__).with_name("static")
+_PAGE_HEADERS = {"Cache-Control": "no-cache", "X-Content-Type-Options": "nosniff",
+                 "Content-Security-Policy": "default-src 'self'; img-src 'self' data:; style-src 'self'; "
+                                            "script-src 'self'; connect-src 'self'"}
 
 
 class HttpView:
@@ -48,7 +56,8 @@ class HttpView:
                  ledger_jsonl: Callable[[], str], status: Callable[[], dict], bootstrap: Callable[[], list[str]],
                  blobs: Path | None = None, recorded: Callable[[str], bool] = lambda folder: True,
                  token: Callable[[str], bytes | None] = lambda peer_id: None,
-                 refused: Callable[[str | None, str], str | None] = lambda header, path: None):
+                 refused: Callable[[str | None, str], str | None] = lambda header, path: None,
+                 page: Callable[[], dict | None] | None = None, metrics: Callable[[], tuple[bytes, str]] | None = None):
         self.manifest_bytes = manifest_bytes
         self.manifest_json = manifest_json
         self.public_key_pem = public_key_pem
@@ -63,6 +72,10 @@ class HttpView:
         """The join token issued for a peer id (private runs), or None."""
         self.refused = refused
         """Why a request (its ``AUTH_HEADER``, its path) for weights or data is refused, or None."""
+        self.page = page
+        """The run page's data (``coordinator.runpage.run_page``; None while starting); None: no run page."""
+        self.metrics = metrics
+        """Prometheus exposition (bytes, content type); None: no ``/metrics``."""
 
 
 def build_app(view: HttpView) -> web.Application:
@@ -114,7 +127,32 @@ def build_app(view: HttpView) -> web.Application:
             raise web.HTTPNotFound(text="no such blob")
         return web.FileResponse(view.blobs / name, headers={"Content-Type": "application/octet-stream"})
 
+    async def page_file(request: web.Request) -> web.StreamResponse:
+        name = request.match_info.get("name", "index.html")
+        if view.page is None or name not in STATIC_FILES:
+            raise web.HTTPNotFound(text="no such page")
+        return web.Response(body=(_STATIC / name).read_bytes(), content_type=STATIC_FILES[name],
+                            charset="utf-8", headers=_PAGE_HEADERS)
+
+    async def page_data(_request: web.Request) -> web.Response:
+        if view.page is None:
+            raise web.HTTPNotFound(text="no run page")
+        if (data := view.page()) is None:
+            raise web.HTTPServiceUnavailable(text="the run page is starting")
+        return web.json_response(data, dumps=lambda o: json.dumps(o, allow_nan=False),
+                                 headers={"Cache-Control": "no-cache"})
+
+    async def metrics(_request: web.Request) -> web.Response:
+        if view.metrics is None:
+            raise web.HTTPNotFound(text="no metrics")
+        body, content_type = view.metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
     app = web.Application(client_max_size=1024)
+    app.router.add_get("/", page_file)
+    app.router.add_get("/static/{name}", page_file)
+    app.router.add_get("/api/run", page_data)
+    app.router.add_get("/metrics", metrics)
     app.router.add_get("/manifest", manifest)
     app.router.add_get("/manifest.json", manifest_json)
     app.router.add_get("/public-key", public_key)

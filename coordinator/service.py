@@ -19,6 +19,7 @@ import signal
 import socket
 import sqlite3
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -30,10 +31,15 @@ from coordinator.admission import issued_token
 from coordinator.follower import Follower
 from coordinator.http import HttpView, build_app
 from coordinator.launch import LaunchedRun, prepare_run
+from coordinator.metrics import CONTENT_TYPE, RunMetrics
+from coordinator.runpage import HISTORY, JoinCommands, RoundPoint, join_commands, round_point, run_page
+from coordinator.spotcheck import Inspector, SpotChecker
 from coordinator.swarm import SwarmMemory, start_bootstrap_node
 from coordinator.tracker import MAX_CONTRIBUTORS, Tracker
 from peer.join import state_from_quorum
 from peer.progress import MANIFEST_KEY, MANIFEST_TTL, read_progress
+from peer.rounds import Settled
+from peer.state import RoundState
 from peer.swarm import SwarmNode
 from peer.workdir import write_atomic
 from protocol.errors import (
@@ -47,7 +53,7 @@ from protocol.errors import (
 from protocol.ledger import checkpoint_dir_name, next_entry
 from protocol.manifest import RunConfig
 from protocol.policy import Admission, request_problem
-from protocol.records import Contribution
+from protocol.records import MAX_CHECKS, Contribution, SpotCheck
 from protocol.signing import public_key_to_pem
 
 __all__ = ["CoordinatorOptions", "serve"]
@@ -82,7 +88,23 @@ class Coordinator:
         self.tracker = Tracker(run.manifest.run_id, samples_per_round=training.inner_steps * training.batch_size)
         head = run.ledger.head()
         self.tracker.seed_from_ledger(head)
-        self.follower = Follower(node, run.manifest, run.checkpoints.read(head.round), run.checkpoints.layout, head)
+        self.metrics = RunMetrics(self._gauges)
+        self.history: deque[RoundPoint] = deque(maxlen=HISTORY)
+        """The rounds replayed by this process, for the run page's curves."""
+        self.recent: dict[str, tuple[int, float, int]] = {}
+        """Each member's latest replayed round: (round, its samples/s in it, the round's members)."""
+        self.follower = Follower(node, run.manifest, run.checkpoints.read(head.round), run.checkpoints.layout, head,
+                                 observe=self._observe)
+        self.inspector: Inspector | None = None
+        if run.manifest.config.checks.spot_check_every:
+            checker = SpotChecker(run.manifest, run.checkpoints.corpus, run.checkpoints.config_json)
+            self.inspector = Inspector(node, run.manifest, checker, options.workdir / "checks", self.say)
+        self.checks: list[SpotCheck] = []
+        """Spot checks since the ledger's head: the next entry lists them."""
+        self.withdrawn: list[tuple[str, int]] = []
+        """Samples to withdraw from credit once the round that credited them is applied."""
+        self.commands: JoinCommands | None = None
+        """Set once the HTTP view listens (its URL is in them)."""
         self.manifest_stored_at = time.monotonic()
         self.next_checkpoint_try = 0.0
         self.next_network_read = 0.0
@@ -106,6 +128,9 @@ class Coordinator:
         else:
             problem = follower.problem
             follower.follow(time.time())
+            for peer_id, samples in self.withdrawn:  # a failed spot check: that round earns nothing
+                follower.credit[peer_id] = max(0, follower.credit.get(peer_id, 0) - samples)
+            self.withdrawn.clear()
             if follower.problem is not None and follower.problem != problem:
                 self.say(f"replay waits: {follower.problem}")
         local = time.monotonic() < self.next_network_read
@@ -151,19 +176,65 @@ class Coordinator:
             self.run.key, head, run_id=manifest.run_id, round=state.round, created_at=time.time(),
             files=files, contributors=[Contribution(peer_id=p, samples=s) for s, p in sorted(largest, key=lambda i: i[1])],
             heldout_loss=self.run.checkpoints.heldout_loss(state),
+            checks=[c for c in self.checks if c.round < state.round],
         )
         self.run.ledger.append(entry)
+        self.checks = [c for c in self.checks if c.round >= state.round]
+        self.metrics.checkpoints.inc()
         self.follower.changed = False
         self.export_ledger()
         loss = "not finite (diverged)" if entry.heldout_loss is None else f"{entry.heldout_loss:.3f}"
         self.say(
             f"checkpoint {entry.seq}: round {entry.round}, held-out loss {loss}, "
             f"root {entry.checkpoint_root[:16]}, {len(entry.contributors)} contributors, {entry.total_samples} samples"
+            + (f", {len(entry.checks)} spot checks ({sum(c.verdict == 'passed' for c in entry.checks)} passed)"
+               if entry.checks else "")
         )
 
     def _postpone(self, reason: str) -> None:
         self.say(reason)
         self.next_checkpoint_try = time.monotonic() + _CHECKPOINT_RETRY
+
+    def _observe(self, settled: Settled, state: RoundState) -> None:
+        applied = settled.update is not None
+        for member in self.inspector.draw(settled.decision.members) if applied and self.inspector else ():
+            holders = [m.p2p_id for m in settled.decision.members if m.peer_id != member.peer_id]
+            check, judgement = self.inspector.check(member, state, dict(settled.credit).get(member.peer_id, 0), holders)
+            self.metrics.spot_checks.labels(check.verdict).inc()
+            if judgement is not None:
+                self.metrics.spot_check_seconds.observe(judgement.seconds)
+            self.checks = (self.checks + [check])[-MAX_CHECKS:]
+            if check.samples:
+                self.withdrawn.append((check.peer_id, check.samples))
+        self.metrics.round_replayed(members=settled.members if applied else 0, void=settled.void is not None,
+                                    dropped=settled.dropped)
+        if settled.decision is not None:
+            seconds = self.run.manifest.config.averaging.round_seconds
+            members = settled.decision.members if applied else ()
+            with self.tracker.lock:  # read by the HTTP handlers
+                self.history.append(round_point(settled.decision.round, members, seconds))
+                for m in members:
+                    self.recent[m.peer_id] = (settled.decision.round, m.weight / seconds, len(members))
+
+    def _gauges(self) -> dict[str, object]:
+        head, alive = self.run.ledger.head(), self.tracker.alive()
+        return {
+            "global_round": self.tracker.global_round, "live_peers": len(alive),
+            "verified_samples": sum(self.follower.credit.values()),
+            "swarm_samples_per_second": sum(r.samples_per_second for r in alive),
+            "heldout_loss": head.heldout_loss, "ledger_entries": head.seq + 1,
+            "replayed_round": self.follower.state.round, "rejected_records": dict(self.tracker.rejected_kinds),
+        }
+
+    def page(self) -> dict | None:
+        if self.commands is None:  # the HTTP view listens, but its URL is not known yet
+            return None
+        with self.tracker.lock:
+            history, recent = list(self.history), dict(self.recent)
+        manifest = self.run.manifest
+        return run_page(name=manifest.config.name, status=self.tracker.status(self.run.ledger.head()),
+                        history=history, entries=self.run.ledger.entries(), credit=dict(self.follower.credit),
+                        commands=self.commands, private=Admission.of(manifest) is not None, recent=recent)
 
     def http_view(self) -> HttpView:
         signed = self.run.signed
@@ -185,6 +256,8 @@ class Coordinator:
             recorded=lambda folder: any(checkpoint_dir_name(e) == folder for e in self.run.ledger.entries()),
             token=lambda peer_id: issued_token(workdir, peer_id) if admission is not None else None,
             refused=refused,
+            page=self.page,
+            metrics=lambda: (self.metrics.render(), CONTENT_TYPE),
         )
 
 
@@ -221,9 +294,15 @@ async def _serve(options: CoordinatorOptions, run: LaunchedRun, node: SwarmNode,
         write_atomic(endpoint, json.dumps({"url": url, "maddrs": node.maddrs, "pid": os.getpid()}).encode())
         head = run.ledger.head()
         verb = "resumed" if run.resumed else "launched"
+        private = Admission.of(run.manifest) is not None
+        commands = coordinator.commands = join_commands(url, node.maddrs, run.manifest.coordinator_key, private=private)
         coordinator.say(f"{verb} run {run.manifest.config.name} ({run.manifest.run_id}); ledger at entry {head.seq}, round {head.round}")
-        coordinator.say(f"join with: barnraise-peer join --coordinator {url}")
-        if Admission.of(run.manifest) is not None:
+        coordinator.say(f"run page: {url}/   metrics: {url}/metrics")
+        coordinator.say(f"join with: {commands.url}")
+        if commands.multiaddr is not None:
+            coordinator.say(f"or, through the swarm: {commands.multiaddr}")
+        coordinator.say(f"audit with: {commands.audit}")
+        if private:
             coordinator.say(f"this run is private: admit each volunteer's key (barnraise-peer key prints it) with: "
                             f"barnraise-coordinator admit --workdir {options.workdir} KEY")
         await _loop(coordinator, stop)

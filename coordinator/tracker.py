@@ -12,10 +12,15 @@ from protocol.multiaddr import checked_multiaddrs
 from protocol.policy import plausible_samples, swarm_round
 from protocol.records import Contribution, LedgerEntry, PeerProgress
 
-__all__ = ["Tracker", "MAX_CONTRIBUTORS"]
+__all__ = ["Tracker", "MAX_CONTRIBUTORS", "relayed"]
 
 MAX_CONTRIBUTORS = 4000
 """Contributors one ledger entry lists (the wire decoder caps a list at 4096 items)."""
+
+
+def relayed(record: PeerProgress) -> bool:
+    """Whether a peer is reached only through a relay: every address it publishes is a circuit."""
+    return bool(record.maddrs) and all("/p2p-circuit" in a for a in record.maddrs)
 
 
 @dataclass
@@ -32,6 +37,8 @@ class Tracker:
     """When each peer's latest record was first read here: liveness is judged by arrival, not by
     the time the record claims."""
     rejected: int = 0
+    rejected_kinds: dict[str, int] = field(default_factory=dict)
+    """Records not believed at the last read, by kind (``peer.progress.SwarmView.kinds``)."""
     updated_at: float = 0.0
     lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     """``update`` runs on a worker thread while HTTP handlers read: every access holds it."""
@@ -54,6 +61,7 @@ class Tracker:
                 plausible = plausible_samples(record, self.samples_per_round)
                 self.totals[record.peer_id] = max(self.totals.get(record.peer_id, 0), plausible)
             self.rejected = view.rejected
+            self.rejected_kinds = dict(view.kinds)
             self.updated_at = time.time()
 
     def alive(self, now: float | None = None) -> list[PeerProgress]:
@@ -93,6 +101,8 @@ class Tracker:
             "total_samples": sum(totals.values()),
             "mean_loss": sum(losses) / len(losses) if losses else None,
             "rejected_records": self.rejected,
+            "rejected_by_reason": dict(self.rejected_kinds),
+            "samples_per_second": sum(r.samples_per_second for r in alive),
             "updated_at": self.updated_at,
             "last_checkpoint": None if head is None else {
                 "seq": head.seq, "round": head.round, "root": head.checkpoint_root, "heldout_loss": head.heldout_loss,
@@ -108,6 +118,13 @@ class Tracker:
                     "averaged": r.averaged,
                     "network_seconds": r.network_seconds,
                     "seconds_since_report": round(now - self.arrived[r.peer_id], 1),
+                    "samples_reported": r.samples,
+                    "peer_key": r.peer_key,
+                    "state_root": r.state_root,
+                    "p2p_id": r.p2p_id,
+                    "maddrs": list(r.maddrs),
+                    "relayed": relayed(r),
+                    "time": r.time,
                 }
                 for r in alive
             ],

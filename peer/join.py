@@ -1,8 +1,9 @@
 """Where a peer's starting state comes from, and how each source is verified before use.
 
-A peer starts from the latest checkpoint in the coordinator's ledger (the ledger's chain and
-signatures are verified under the manifest's coordinator key, and each downloaded file must
-match the entry's sha256, size and canonical root), or, joined by multiaddrs alone, from genesis
+A peer starts from the latest checkpoint in the coordinator's ledger, genesis included (the
+ledger's chain and signatures are verified under the manifest's coordinator key, and each
+downloaded file must match the entry's sha256, size and canonical root; genesis's parameters the
+manifest's ``genesis_root`` too), or, joined by multiaddrs alone, from genesis
 rebuilt from the manifest's model config and seed (its root must equal the signed manifest's
 ``genesis_root``); it then replays the rounds since from their payloads (``peer.runner``). Only
 when those rounds have lapsed does it load a live peer's round-boundary state, whose tensors must
@@ -142,19 +143,20 @@ def _file_ok(path: Path, sha256: str, size: int) -> bool:
 def state_from_checkpoint(
     client: CoordinatorClient, manifest: RunManifest, layout: StateLayout, folder: Path, config_json: bytes | None = None
 ) -> tuple[StartingState, list[LedgerEntry]]:
-    """Download the latest ledger checkpoint into ``folder`` and verify it against the ledger (genesis
-    is rebuilt from the manifest instead, when this machine's torch rebuilds it bit for bit)."""
+    """Download the latest ledger checkpoint into ``folder`` and verify it against the ledger. Genesis
+    too: it is not rebuilt here, where another torch may initialise differently (only a genesis
+    entry that lists no state files is rebuilt from the manifest)."""
     ledger = client.ledger()
     verify_chain(ledger, manifest.coordinator_key, run_id=manifest.run_id)
     entry = ledger[-1]
-    if entry.kind == "genesis":  # rebuilt here from the manifest: nothing to download
-        try:
-            return state_from_genesis(manifest, layout, config_json), ledger
-        except HashMismatch:
-            pass  # init weights, or another torch initialises differently: download the recorded genesis
     records = {f.name: f for f in entry.files if f.name in _STATE_FILES}
+    if entry.kind == "genesis" and not records:
+        return state_from_genesis(manifest, layout, config_json), ledger
     if set(records) != set(_STATE_FILES):
         raise InputError(f"ledger entry {entry.seq} does not list model.safetensors and outer.safetensors")
+    if entry.kind == "genesis" and records["model.safetensors"].root != manifest.genesis_root:
+        raise HashMismatch(f"ledger entry {entry.seq}: genesis root {records['model.safetensors'].root[:16]} is not "
+                           f"the signed manifest's {manifest.genesis_root[:16]}")
     most = _state_file_max_bytes(layout)
     for record in records.values():  # the layout is of the model this peer's memory check allowed
         if record.size > most:

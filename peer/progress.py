@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from protocol.consensus import RoundClock
 from protocol.errors import MalformedRecord, VerificationError
@@ -35,6 +35,9 @@ class SwarmView:
     """Unix time of the read: a record is alive if signed within ``PROGRESS_TTL`` of it."""
     reasons: tuple[str, ...] = ()
     """One line per rejected record (the first few)."""
+    kinds: dict[str, int] = field(default_factory=dict)
+    """Rejected records by kind: ``malformed`` (undecodable, badly signed), ``foreign`` (of another
+    run, or under another peer's subkey), ``policy`` (``protocol.policy.progress_problem``)."""
 
     def alive(self, within: float = PROGRESS_TTL) -> list[PeerProgress]:
         return [r for r in self.records.values() if self.read_at - r.time <= within]
@@ -47,18 +50,21 @@ def read_progress(node, run_id: str, *, clock: RoundClock, local: bool = False) 
     itself (no network; all of them in a swarm of up to 5 nodes)."""
     raw = node.fetch_local(progress_key(run_id)) if local else node.fetch(progress_key(run_id))
     now = time.time()
-    records, reasons = {}, []
+    records, reasons, kinds = {}, [], {"malformed": 0, "foreign": 0, "policy": 0}
     for subkey, value in (raw or {}).items() if isinstance(raw, dict) else ():
         try:
             record = PeerProgress.from_bytes(value).verify()
         except (MalformedRecord, VerificationError) as error:
             reasons.append(f"{str(subkey)[:16]}: {error}")
+            kinds["malformed"] += 1
             continue
         if record.run_id != run_id or record.peer_id != subkey:
             reasons.append(f"{str(subkey)[:16]}: of run {record.run_id} by peer {record.peer_id}")
+            kinds["foreign"] += 1
             continue
         if (problem := progress_problem(record, now=now, clock=clock)) is not None:
             reasons.append(problem)
+            kinds["policy"] += 1
             continue
         records[record.peer_id] = record
-    return SwarmView(records, len(reasons), now, tuple(reasons[:8]))
+    return SwarmView(records, len(reasons), now, tuple(reasons[:8]), kinds)

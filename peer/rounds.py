@@ -97,11 +97,14 @@ class Settled:
     entered: bool = False
     """This peer's own payload is in the update."""
     credit: tuple[tuple[str, int], ...] = ()
-    """(peer id, samples) of every payload the update holds."""
+    """(peer id, samples) of every payload the update holds whose author another peer's signed
+    receipt says held it (``Availability.witnessed``): a round earns credit only on that evidence."""
     void: str | None = None
     """Why the round is void for this peer (a member's payload could not be had from anyone)."""
     left_out: str | None = None
     """Why this peer's payload, a member of the decision, was left out (nobody else held it)."""
+    dropped: int = 0
+    """Members of the decision left out because nobody but their author held their payload."""
 
     @property
     def members(self) -> int:
@@ -256,6 +259,7 @@ class RoundExchanger:
             availability, payloads, failure = self._availability(round_, decision, own, announcers, stop)
             if failure is not None:
                 return Settled(decision, None, failure, time.monotonic() - started)
+        dropped = len(availability.dropped)
         if availability.dropped:  # announced and held by nobody else: left out by every peer alike
             decision = dataclasses.replace(decision, members=availability.members,
                                            rejected=decision.rejected + availability.dropped)
@@ -264,7 +268,7 @@ class RoundExchanger:
                 entered = False
                 left_out = "no other peer said it held this peer's payload in time"
         if decision.empty:
-            return Settled(decision, None, None, time.monotonic() - started, left_out=left_out)
+            return Settled(decision, None, None, time.monotonic() - started, left_out=left_out, dropped=dropped)
         missing = [m for m in decision.members if m.payload_sha256 not in payloads]
         if missing:
             payloads |= self._fetch(missing, availability.holders, announcers, budget - time.monotonic())
@@ -277,16 +281,18 @@ class RoundExchanger:
             if entered:
                 self.take_back(own)
             void = f"{len(missing)} of the round's {len(decision.members)} payloads did not arrive"
-            return Settled(decision, None, None, time.monotonic() - started, void=void, left_out=left_out)
+            return Settled(decision, None, None, time.monotonic() - started, void=void, left_out=left_out,
+                           dropped=dropped)
         entries = [(_member(m).to_wire(), payloads[m.payload_sha256]) for m in decision.members]
         try:
             group = combine(entries, codec=self.codec, numel=self.numel, round=round_, max_weight=self.max_weight,
                             base_root=decision.base_root, aggregation=self.averaging.aggregation)
         except InputError:  # no payload usable: every peer rejects the same ones, so the round is empty everywhere
-            return Settled(decision, None, None, time.monotonic() - started)
+            return Settled(decision, None, None, time.monotonic() - started, dropped=dropped)
         return Settled(decision, group.update, None, time.monotonic() - started,
                        entered and self.peer_id in {m.peer_id for m in group.members},
-                       tuple((m.peer_id, int(m.weight)) for m in group.members), left_out=left_out)
+                       tuple((m.peer_id, int(m.weight)) for m in group.members if m.peer_id in availability.witnessed),
+                       left_out=left_out, dropped=dropped)
 
     def _availability(self, round_: int, decision: RoundDecision, own: Announced | None, announcers,
                       stop) -> tuple[Availability, dict[str, bytes], str | None]:

@@ -10,7 +10,9 @@ next window's steps start at once, and the round's update is applied between two
 soon as it is in hand (``Trainer.advance(in_flight=True)``). A peer out of step (it missed a
 round's payloads, or joined late) replays the rounds it missed from their payloads; only when
 that cannot work does it download a peer's state. Ctrl+C settles the round in flight (bounded
-by its deadline) and leaves.
+by its deadline) and leaves; before training starts it leaves at once. Paused (SIGUSR1, or a
+``pause`` file in the workdir), the peer settles the round in flight and then sits rounds out
+until resumed, when it catches up like a late joiner.
 """
 
 from __future__ import annotations
@@ -18,9 +20,12 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import os
 import random
 import signal
+import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from concurrent.futures import TimeoutError as FutureTimeout
 from dataclasses import dataclass, field
@@ -32,14 +37,20 @@ from safetensors.torch import save as save_safetensors
 from peer.admission import TokenKeeper, join_token, token_signer
 from peer.assets import TOKENIZER_MAX_BYTES, coordinator_source, open_assets
 from peer.coordinator_client import CoordinatorClient
+from peer.evidence import FOLDER as EVIDENCE_FOLDER
+from peer.evidence import KEEP as EVIDENCE_KEPT
+from peer.evidence import EvidenceKeeper
+from peer.idle import IdleWatch
 from peer.join import StartingState, state_from_checkpoint, state_from_genesis, state_from_quorum
+from peer.metrics import PeerMetrics
 from peer.model import check_memory, count_parameters
+from peer.pacing import bytes_per_second, round_budget
 from peer.progress import MANIFEST_KEY, MANIFEST_TTL, PROGRESS_TTL, progress_key, read_progress
 from peer.rounds import ANNOUNCE_ROUNDS, Announced, RoundExchanger, RoundOutcome, RoundWork, Settled, clock_of
 from peer.state import RoundState, outer_step
 from peer.swarm import SwarmNode
 from peer.trainer import Trainer
-from peer.workdir import load_or_create_key, write_atomic
+from peer.workdir import load_or_create_key, pause_reason, write_atomic, write_run_file
 from protocol.codecs import parse_codec, payload_size
 from protocol.errors import (
     BarnraiseError,
@@ -50,6 +61,7 @@ from protocol.errors import (
     VerificationError,
 )
 from protocol.manifest import SignedManifest
+from protocol.multiaddr import valid_multiaddr
 from protocol.policy import request_signature
 from protocol.records import PeerProgress
 from protocol.signing import key_id
@@ -93,20 +105,74 @@ class PeerOptions:
     """Recompute activations in the backward pass (less memory, about a third more compute)."""
     token: bytes | None = None
     """A private run's join token for this peer's key (default: fetched from the coordinator)."""
+    port: int = 0
+    """TCP port the peer's node listens on (0: any free one)."""
+    relay: bool = True
+    """Behind NAT, reserve a slot on a relay (``peer.swarm.SwarmNode``)."""
+    max_upload_mbps: float | None = None
+    """Pace what this peer sends to this many Mbit/s (``peer.pacing``); None: no cap."""
+    max_download_mbps: float | None = None
+    metrics_port: int | None = None
+    """Serve Prometheus metrics on this port (``peer.metrics``); None: none."""
+    only_when_idle: float | None = None
+    """Pause while other programs use more than this percent of the CPU (``peer.idle``); None: never."""
     on_line: object = field(default=print, repr=False)
 
 
 class _StopFlag:
-    """First Ctrl+C/SIGTERM: stop after the current inner step, settle the round in flight (within
-    its deadline), then publish and leave. Second Ctrl+C: leave now."""
+    """Ctrl+C/SIGTERM. Before training starts (``open``): leave now (``KeyboardInterrupt``: one line,
+    exit 130). Then the first one: stop after the current inner step, settle the round in flight
+    (within its deadline), then publish and leave, and say so at once (``notice``). Second Ctrl+C:
+    leave now."""
 
-    def __init__(self):
+    def __init__(self, notice: Callable[[], None] = lambda: None):
         self.requested = False
+        self.training = False
+        """Set by ``open``, when the round loop starts."""
+        self.notice = notice
+        self._teller: threading.Thread | None = None
+        self._pipe = (-1, -1)
+
+    def open(self) -> None:
+        """Training starts: from now on the first signal is said by a thread of our own (a print from
+        the handler could land inside a print of the main thread: a reentrant call), woken through a
+        pipe (a write is a plain system call: no lock the interrupted code may hold). ``close`` ends it."""
+        self._pipe = os.pipe()
+        self._teller = threading.Thread(target=self._tell, name="stop-notice")
+        self._teller.start()
+        self.training = True
+
+    def _tell(self) -> None:
+        if os.read(self._pipe[0], 1):
+            self.notice()
+
+    def close(self) -> None:
+        teller, self._teller = self._teller, None  # first: a signal from here on writes nothing
+        if teller is not None:
+            os.close(self._pipe[1])  # the reader sees the end (if nothing was written) and returns
+            teller.join()
+            os.close(self._pipe[0])
 
     def __call__(self, signum, frame):
-        if self.requested and signum == signal.SIGINT:
-            raise KeyboardInterrupt
+        if not self.training:
+            raise KeyboardInterrupt("interrupted while joining, before training started")
+        if self.requested:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt("interrupted again: left without finishing the round in flight")
+            return
         self.requested = True
+        if self._teller is not None:
+            os.write(self._pipe[1], b"!")
+
+
+class _PauseSwitch:
+    """SIGUSR1 pauses the peer, and the next one resumes it (``PeerProcess._sit_out``)."""
+
+    def __init__(self):
+        self.on = False
+
+    def __call__(self, signum, frame):
+        self.on = not self.on
 
 
 class OutOfStep(BarnraiseError):
@@ -137,7 +203,8 @@ class _InFlight:
 class PeerProcess:
     """Everything one running peer holds; ``run()`` is the round loop."""
 
-    def __init__(self, options: PeerOptions, node: SwarmNode, signed: SignedManifest, client: CoordinatorClient | None):
+    def __init__(self, options: PeerOptions, node: SwarmNode, signed: SignedManifest, client: CoordinatorClient | None,
+                 pause: _PauseSwitch | None = None):
         self.options, self.node, self.signed, self.client = options, node, signed, client
         self.manifest = signed.manifest
         self.run_id = self.manifest.run_id
@@ -148,6 +215,10 @@ class PeerProcess:
         self.served_root = ""
         model, averaging = self.manifest.config.model, self.manifest.config.averaging
         numel = model.parameters or count_parameters(model)
+        self.checked = self.manifest.config.checks.spot_check_every > 0
+        """The run spot-checks its members: keep this peer's evidence of each round (``peer.evidence``)."""
+        self.idle = IdleWatch(options.only_when_idle) if options.only_when_idle is not None else None
+        self.metrics = PeerMetrics() if options.metrics_port is not None else None
         self.memory = check_memory(numel, options.device, options.max_memory)
         self.clock = clock_of(self.manifest)
         node.start_averager(  # first: peers serve this peer's blob cache, and it fetches from theirs
@@ -156,6 +227,9 @@ class PeerProcess:
             averaging=averaging,
             state_source=self._serve,
             blobs=options.workdir / "blobs",
+            evidence=options.workdir / EVIDENCE_FOLDER if self.checked else None,
+            upload_rate=bytes_per_second(options.max_upload_mbps),
+            download_rate=bytes_per_second(options.max_download_mbps),
         )
         sources = [("the coordinator", coordinator_source(client))] if client is not None else []
         sources.append(("the swarm's peers", self._from_peers))
@@ -175,7 +249,10 @@ class PeerProcess:
         self.before: RoundState | None = None
         """The consensus before the latest round was applied (to redo that round another way)."""
         self.last: RoundOutcome | None = None
-        self.stop = _StopFlag()
+        self.stop = _StopFlag(self._stop_notice)
+        self.landing: _InFlight | None = None
+        """The round ``_land`` is waiting for (it is no longer ``in_flight``)."""
+        self.pause = pause or _PauseSwitch()
         self.log_path = options.workdir / "rounds.jsonl"
         self.manifest_checked = -float("inf")
         self.published_root = ""
@@ -210,6 +287,8 @@ class PeerProcess:
     def start(self) -> None:
         numel = self.trainer.layout.size
         self.exchanger = RoundExchanger(self.node, self.manifest, self.key, self.peer_id, self.options.workdir, numel)
+        self.evidence = EvidenceKeeper(self.options.workdir, self.run_id, self.peer_id) if self.checked else None
+        self._start_extras(numel)
         start = self._recorded_state()
         if start is None:  # genesis is the run's init weights and no coordinator serves them
             self.say("genesis is the run's init weights and no coordinator is given: loading a peer's state")
@@ -231,6 +310,11 @@ class PeerProcess:
             source = self._reload() or source
         self._publish(store=True)
         self.say(f"joined run {self.manifest.config.name} ({self.run_id}) at round {self.trainer.state.round}: {source}")
+        maddrs = self.node.maddrs
+        usable = [a for a in maddrs if valid_multiaddr(a)] or ["none (no address of the form --initial-peers takes)"]
+        self.say(f"this peer's addresses (others join through them with --initial-peers): {' '.join(usable)}")
+        write_run_file(self.options.workdir, run_id=self.run_id, run_name=self.manifest.config.name,
+                       coordinator_url=self.options.coordinator_url, maddrs=maddrs, joined_at=time.time())
         if self.options.snapshot_every > 0:
             self._snapshot()  # the first point of a curve: where training starts, and when
 
@@ -420,6 +504,10 @@ class PeerProcess:
         if work is not None:
             self.announce_failure = flight.announced.failure or settled.left_out
             self._report(self.last)
+            if self.metrics is not None:
+                fetched = settled.decision.members if settled.update is not None and settled.decision else ()
+                self.metrics.round(self.last, received_bytes=sum(m.payload_size for m in fetched
+                                                                 if m.peer_id != self.peer_id))
 
     def _snapshot(self) -> None:
         """The consensus θ (not this peer's own start point) to snapshots/rNNNNNN.safetensors, with
@@ -433,19 +521,26 @@ class PeerProcess:
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, save_safetensors(tensors, metadata))
 
+    def _settle_deadline(self, round_: int) -> float:
+        """Unix time by which the settle of round ``round_`` is given up."""
+        return self.clock.receipts_read(round_) + self.manifest.config.averaging.round_deadline_seconds + 30
+
     def _land(self, *, in_flight: bool) -> float:
         """Wait for the round in flight (bounded by its deadline) and apply it; returns the idle seconds."""
         flight, self.in_flight = self.in_flight, None
         if flight is None:
             return 0.0
         started = time.monotonic()
-        limit = self.clock.receipts_read(flight.round) - time.time() + self.manifest.config.averaging.round_deadline_seconds + 30
+        limit = self._settle_deadline(flight.round) - time.time()
+        self.landing = flight
         try:
             settled = flight.future.result(timeout=max(1.0, limit))
         except FutureTimeout:
             settled = Settled(None, None, "the round's settle ran past its deadline", limit)
         except BarnraiseError as error:  # e.g. the averager process did not answer
             settled = Settled(None, None, str(error), time.monotonic() - started)
+        finally:
+            self.landing = None
         idle = time.monotonic() - started
         self._settled(flight, settled, in_flight=in_flight, idle=idle)
         return idle
@@ -493,10 +588,62 @@ class PeerProcess:
             self.say(f"round {window}: no training data ({error}); sitting this round out")
             return False
 
+    def _stop_notice(self) -> None:
+        """The first Ctrl+C's line: what the peer still does before it leaves, and for how long."""
+        flight = self.in_flight or self.landing
+        if flight is None:
+            self.say("stopping: no round in flight, leaving after the current step; Ctrl+C again to leave now")
+            return
+        seconds = max(0.0, self._settle_deadline(flight.round) - time.time())
+        self.say(f"stopping: finishing round {flight.round} (at most {seconds:.0f} s); Ctrl+C again to leave now")
+
+    def _sit_out(self, reason: str) -> None:
+        """Paused: settle the round in flight, then announce nothing (the DHT node stays up and the
+        progress record lapses) until resumed; then catch up as a late joiner does, and rejoin at
+        the next round boundary."""
+        if self.in_flight is not None:
+            self._land(in_flight=False)
+        self.say(f"paused: {reason}; no round in flight, nothing is announced until resumed")
+        while not self.stop.requested and self._pause_reason() is not None:
+            self.token.keep()
+            time.sleep(0.5)
+        if self.stop.requested:
+            return
+        rejoin = self.clock.round_at(time.time()) + 1
+        self.say(f"resumed: catching up, then rejoining at round {rejoin}")
+        self._catch_up(rejoin - 1)
+        self._sleep_until(self.clock.opens(rejoin))
+
+    def _start_extras(self, numel: int) -> None:
+        """What the volunteer asked for besides training: metrics, and a word on its caps and idling."""
+        options, averaging = self.options, self.manifest.config.averaging
+        if self.metrics is not None:
+            host = "127.0.0.1" if options.host in ("0.0.0.0", "::") else options.host
+            port = self.metrics.serve(host, options.metrics_port)
+            self.say(f"metrics at http://{host}:{port}/metrics")
+        problem = round_budget(upload=bytes_per_second(options.max_upload_mbps),
+                               download=bytes_per_second(options.max_download_mbps),
+                               payload_bytes=payload_size(parse_codec(averaging.codec), numel),
+                               members=averaging.max_contributors, seconds=averaging.round_seconds)
+        if problem is not None:
+            self.say(f"warning: {problem}")
+        if self.idle is not None and self.idle.unsupported:
+            self.say("--only-when-idle: this system has no /proc/stat to read the CPU's load from; it never pauses")
+        if self.checked:
+            self.say("this run spot-checks its volunteers' rounds: this peer keeps its evidence of the last "
+                     f"{EVIDENCE_KEPT} rounds in {options.workdir / EVIDENCE_FOLDER} and serves it")
+
+    def _pause_reason(self) -> str | None:
+        reason = pause_reason(self.options.workdir, signalled=self.pause.on)
+        return reason if reason is not None or self.idle is None else self.idle.reason()
+
     def _round(self) -> bool:
         """One window: catch up, inner steps until the window closes, announce, settle (async: in
         the background). Returns False when the peer should stop."""
         self.token.keep()
+        if (reason := self._pause_reason()) is not None:
+            self._sit_out(reason)
+            return not self.stop.requested
         now = time.time()
         # asynchronous: the next window's steps start as soon as this one is announced, a moment
         # before it opens, so no compute time is lost to the announcement
@@ -512,6 +659,8 @@ class PeerProcess:
             return not self.stop.requested
         stop_at = self.clock.closes(window) - min(self.clock.seconds / 4, 0.1 + 1.5 * self.announce_seconds)
         self.last_hook = None
+        if self.evidence is not None:  # what a spot check of this round replays from
+            self.evidence.keep(window, self.trainer, self.exchanger.residual)
         inner = self.trainer.inner_steps(window, lambda: self._between_steps(stop_at), slowdown=self.options.slowdown)
         if self.stop.requested:
             return False  # a round cut short is not announced
@@ -545,6 +694,7 @@ class PeerProcess:
     def run(self) -> int:
         started = time.monotonic()
         options = self.options
+        self.stop.open()  # from now on the first Ctrl+C finishes the round in flight, and says so
         try:
             while not self.stop.requested:
                 if options.max_rounds is not None and self.rounds_taken >= options.max_rounds:
@@ -557,6 +707,7 @@ class PeerProcess:
                 self._land(in_flight=False)  # the round in flight: bounded by its deadline
         finally:
             self.settler.shutdown(wait=True, cancel_futures=True)
+            self.stop.close()
         if self.stop.requested:
             self.say("stop requested: leaving the swarm")
         self._publish(store=True)
@@ -578,7 +729,23 @@ def _saved_samples(path: Path, run_id: str) -> int:
 
 
 def run_peer(options: PeerOptions) -> int:
-    """Join and train; returns the exit code. Raises ``BarnraiseError`` with a one-line reason."""
+    """Join and train; returns the exit code. Raises ``BarnraiseError`` with a one-line reason, and
+    ``KeyboardInterrupt`` with one when stopped before training starts (or by a second Ctrl+C)."""
+    pause = _PauseSwitch()
+    sigusr1 = getattr(signal, "SIGUSR1", None)  # not on Windows: the pause file only
+    previous = signal.signal(sigusr1, pause) if sigusr1 is not None else None  # from the start: none is lost
+    try:
+        return _join_and_train(options, pause)
+    except KeyboardInterrupt as interrupt:
+        if str(interrupt):
+            raise
+        raise KeyboardInterrupt("interrupted while joining, before training started") from None
+    finally:
+        if sigusr1 is not None:
+            signal.signal(sigusr1, previous)
+
+
+def _join_and_train(options: PeerOptions, pause: _PauseSwitch) -> int:
     if options.threads:
         torch.set_num_threads(options.threads)
     options.workdir.mkdir(parents=True, exist_ok=True)
@@ -594,8 +761,8 @@ def run_peer(options: PeerOptions) -> int:
         bootstrap = list(options.initial_peers)
     if not bootstrap:
         raise TransportError("no bootstrap address: give --coordinator URL or --initial-peers MULTIADDR")
-    node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/0"], identity=key,
-                     admission=admission, token=token)
+    node = SwarmNode(initial_peers=bootstrap, host_maddrs=[f"/ip4/{options.host}/tcp/{options.port}"], identity=key,
+                     admission=admission, token=token, relay=options.relay)
     if client is not None and admission is not None:  # checkpoint and run files go to admitted keys only
         client.auth = lambda path: request_signature(key, node.token, path, time.time())
     process = None
@@ -606,13 +773,18 @@ def run_peer(options: PeerOptions) -> int:
             admission, token = join_token(signed, key, None, options.token)
             if admission is not None:
                 node.admit(admission, token)
-        process = PeerProcess(options, node, signed, client)
+        process = PeerProcess(options, node, signed, client, pause)
         for signum in previous:
             signal.signal(signum, process.stop)
+        process.say(node.reachability().line)
         process.start()
         return process.run()
     finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-        node.shutdown()
+        try:
+            if process is not None and process.metrics is not None:
+                process.metrics.close()
+            node.shutdown()  # first: a Ctrl+C meanwhile goes to the peer's own handler (``_StopFlag``)
+        finally:
+            for signum, handler in previous.items():
+                signal.signal(signum, handler)
 

@@ -25,7 +25,7 @@ import torch
 
 from protocol.errors import DeadlineExceeded, MalformedRecord, TransportError
 from protocol.manifest import AveragingConfig
-from protocol.multiaddr import libp2p_id_of
+from protocol.multiaddr import libp2p_id_of, peer_id_of, valid_multiaddr
 from protocol.policy import Admission
 from protocol.records import seal, unseal
 from protocol.signing import SigningKey
@@ -47,6 +47,8 @@ from hivemind.utils.mpfuture import MPFuture  # noqa: E402
 from hivemind.utils.timed_storage import ValueWithExpiration, get_dht_time  # noqa: E402
 
 from peer.dht_records import SignedRecordValidator  # noqa: E402
+from peer.pacing import Pacer  # noqa: E402
+from peer.reachability import DialBack, Reachability, judge, listen_port, observed_address  # noqa: E402
 from peer.rpc_gate import RpcGate  # noqa: E402
 from peer.state_rpc import StateServing  # noqa: E402
 from peer.transport_caps import install as _cap_stream_messages  # noqa: E402
@@ -78,6 +80,15 @@ _BLOB_UPLOADS = 4
 _BLOB_FLOOR_BYTES_PER_SECOND = 1_000_000
 """A holder slower than this for a blob is left for the next one."""
 """Passes over every holder (its author first or second) before a payload counts as lost."""
+_DIAL_BACK = "barnraise.dial_back"
+"""The libp2p handler every node serves: where a caller's connection comes from, and whether a new
+TCP connection to that address, at the caller's listen port, gets through (``peer.reachability``)."""
+_DIAL_BACK_SECONDS = 3.0
+"""How long a node tries to open the TCP connection back to a caller."""
+_DIAL_BACK_EVERY = 10.0
+"""A node dials one caller back at most once in this many seconds (more asks get an empty answer)."""
+_DIAL_BACK_ASKED = 4
+"""Nodes one peer asks to dial it back (its bootstrap peers first, then others it is connected to)."""
 
 
 class _StateSharingAverager(DecentralizedAverager):
@@ -108,14 +119,20 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
     """
 
     def __init__(self, *args, payload_limit: int, handoff: Path, kept: int, blobs: Path | None = None,
-                 admission: Admission | None = None, token: bytes = b"", **kwargs):
+                 admission: Admission | None = None, token: bytes = b"", upload_rate: float | None = None,
+                 download_rate: float | None = None, evidence: Path | None = None, **kwargs):
         self._payload_limit, self._handoff, self._kept = payload_limit, handoff, kept
+        self._pace_up, self._pace_down = Pacer(upload_rate), Pacer(download_rate)
+        """The volunteer's caps (``--max-upload-mbps``, ``--max-download-mbps``): payloads and the
+        run's files are paced through them, sent and received (``peer.pacing``)."""
         self._gate = RpcGate(admission)
         """Who is served (private runs: callers with a join token for their own id), at what rate."""
         self._presented = token
         """What this peer's requests carry: its join token in a private run (else nothing)."""
         self._blobs = blobs
         """The peer's blob cache (model config, tokenizer, data index, shards), served by sha256."""
+        self._evidence = evidence
+        """The peer's work evidence of its last rounds, served by id (``peer.evidence``)."""
         self._blob_uploads: asyncio.Semaphore | None = None
         self._store: OrderedDict[str, bytes] = OrderedDict()
         self._prefetching: set[asyncio.Task] = set()
@@ -163,14 +180,16 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
                 continue
         return out
 
-    def fetch_blob(self, digest: str, limit: int, holders: Sequence[str], destination: Path, timeout: float) -> bool:
+    def fetch_blob(self, digest: str, limit: int, holders: Sequence[str], destination: Path, timeout: float,
+                   *, by_content: bool = True) -> bool:
         """(Peer process) a blob of at most ``limit`` bytes from the first of ``holders`` (libp2p ids)
-        that serves it, written to ``destination`` (its hash is the caller's to check)."""
+        that serves it, written to ``destination``; ``by_content``: only one whose sha256 is
+        ``digest`` (False: a file named by another id, such as work evidence, which its caller checks)."""
         return self._call("_fetch_blob", timeout + 30.0, digest=digest, limit=limit, holders=list(holders),
-                          destination=str(destination), timeout=timeout)
+                          destination=str(destination), timeout=timeout, by_content=by_content)
 
     async def _fetch_blob(self, digest: str, limit: int, holders: list[str], destination: str, timeout: float,
-                          future: MPFuture) -> None:
+                          future: MPFuture, by_content: bool = True) -> None:
         deadline = time.monotonic() + timeout
         try:
             per_holder = _PER_HOLDER_SECONDS + limit / _BLOB_FLOOR_BYTES_PER_SECOND  # a slow holder yields to the next
@@ -179,7 +198,7 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
                 if remaining <= 0:
                     break
                 body = await self._receive(holder, digest, limit, min(remaining, per_holder))
-                if body is not None and hashlib.sha256(body).hexdigest() == digest:
+                if body is not None and (not by_content or hashlib.sha256(body).hexdigest() == digest):
                     await asyncio.to_thread(Path(destination).write_bytes, body)
                     future.set_result(True)
                     return
@@ -293,6 +312,7 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
                 received.extend(message.metadata)
                 if len(received) > size:
                     raise TransportError("payload larger than announced")
+                await self._pace_down.take(len(message.metadata))
 
         try:
             await asyncio.wait_for(receive(), timeout=timeout)
@@ -310,14 +330,19 @@ class _PayloadAverager(StateServing, _StateSharingAverager):
             return
         digest = request.group_id.hex()
         payload = self._store.get(digest)
-        if payload is None and self._blobs is not None and len(digest) == 64 and (self._blobs / digest).is_file():
-            async for chunk in self._blob_chunks(self._blobs / digest):
+        folder = next((f for f in (self._blobs, self._evidence) if f is not None and len(digest) == 64
+                       and (f / digest).is_file()), None)
+        if payload is None and folder is not None:
+            async for chunk in self._blob_chunks(folder / digest):
+                await self._pace_up.take(len(chunk))
                 yield averaging_pb2.DownloadData(metadata=chunk)
             return
         if payload is None:
             return
         for start in range(0, len(payload), _CHUNK_BYTES):
-            yield averaging_pb2.DownloadData(metadata=payload[start : start + _CHUNK_BYTES])
+            chunk = payload[start : start + _CHUNK_BYTES]
+            await self._pace_up.take(len(chunk))
+            yield averaging_pb2.DownloadData(metadata=chunk)
 
 
     # hivemind's own averaging RPCs: Barnraise uses none of them (payloads are fetched by hash,
@@ -372,6 +397,70 @@ async def _set_admission(_dht, node, admission: Admission | None) -> None:
             validator.admission = admission
 
 
+async def _serve_dial_back(_dht, node) -> None:
+    """(DHT process) answer ``_DIAL_BACK`` on this node's libp2p daemon until it stops.
+
+    The answer names only the caller's own address, and the connection goes only to the IP the
+    caller's connection comes from, at most once per ``_DIAL_BACK_EVERY`` per caller: nobody can
+    make a node connect to a third party with it. Served to anyone, in private runs too (it
+    reveals nothing about the run)."""
+    p2p = node.p2p
+    answered: dict[str, float] = {}
+
+    async def dial_back(request: averaging_pb2.AveragingData, context: P2PContext) -> averaging_pb2.AveragingData:
+        caller, now = context.remote_id.to_base58(), time.monotonic()
+        if now - answered.get(caller, -_DIAL_BACK_EVERY) < _DIAL_BACK_EVERY:
+            return averaging_pb2.AveragingData()
+        if len(answered) > 4096:  # bounded: forget every caller whose pause is over
+            for old in [c for c, t in answered.items() if now - t >= _DIAL_BACK_EVERY]:
+                del answered[old]
+        answered[caller] = now
+        observed = None
+        for info in await p2p.list_peers():  # one entry per connection, with its remote address
+            if info.peer_id == context.remote_id:
+                observed = next((str(a) for a in info.addrs if observed_address(str(a))), None) or observed
+        port = int(request.weight) if 0 < request.weight < 65536 else 0
+        connected = False
+        if observed is not None and port:
+            host = observed_address(observed)[0]
+            try:
+                _, writer = await asyncio.wait_for(asyncio.open_connection(host, port), _DIAL_BACK_SECONDS)
+                writer.close()
+                connected = True
+            except OSError:  # TimeoutError included
+                pass
+        # the caller as this node sees it (its address) in ``peer_id``; whether it got through in ``weight``
+        return averaging_pb2.AveragingData(peer_id=(observed or "").encode(), weight=1.0 if connected else 0.0)
+
+    await p2p.add_protobuf_handler(_DIAL_BACK, dial_back, averaging_pb2.AveragingData)
+
+
+async def _ask_dial_back(_dht, node, holders: list[str], port: int, timeout: float) -> list[tuple[str, str, bool]]:
+    """(DHT process) ask each of ``holders`` (libp2p ids) to dial this node back at ``port``:
+    (holder, the address it sees, whether it got through) for each that answered in time."""
+
+    async def ask(holder: str) -> tuple[str, str, bool] | None:
+        request = averaging_pb2.AveragingData(weight=float(port))
+        try:
+            response = await asyncio.wait_for(node.p2p.call_protobuf_handler(
+                PeerID.from_base58(holder), _DIAL_BACK, request, averaging_pb2.AveragingData), timeout)
+        except Exception:  # an older node, a busy one, or one that is gone: no evidence either way
+            return None
+        observed = response.peer_id[:256].decode("ascii", errors="replace")
+        return (holder, observed, response.weight == 1.0) if observed else None
+
+    answers = await asyncio.gather(*(ask(holder) for holder in holders))
+    return [answer for answer in answers if answer is not None]
+
+
+async def _connected_peers(_dht, node) -> list[str]:
+    return list(dict.fromkeys(info.peer_id.to_base58() for info in await node.p2p.list_peers()))
+
+
+async def _latest_maddrs(_dht, node) -> list[str]:
+    return [str(addr) for addr in await node.p2p.get_visible_maddrs(latest=True)]
+
+
 async def _stored_expiration(_dht, node, key: str) -> float | None:
     found = node.protocol.storage.get(DHTID.generate(source=key))
     return None if found is None else float(found.expiration_time)
@@ -381,12 +470,18 @@ class SwarmNode:
     """One DHT node and, once a run is known, one averager on the run's prefix."""
 
     def __init__(self, *, initial_peers: Sequence[str], host_maddrs: Sequence[str], identity_path: str | None = None,
-                 identity: SigningKey | None = None, admission: Admission | None = None, token: bytes = b""):
+                 identity: SigningKey | None = None, admission: Admission | None = None, token: bytes = b"",
+                 relay: bool = True):
         """``identity``: the peer's signing key, used as its libp2p identity too, so that the libp2p id
         its signed records name follows from their key (``protocol.multiaddr.libp2p_id_of``).
         ``admission``: a private run's gate (``admit`` sets it later when the run is not known yet);
-        ``token``: this node's join token for it (the coordinator needs none)."""
+        ``token``: this node's join token for it (the coordinator needs none).
+        ``relay``: when libp2p's AutoNAT finds this node behind NAT, reserve a slot on a relay (the
+        bootstrap peers first) so that others can dial it through the relay, and punch a hole to
+        them from there; a node that AutoNAT finds public relays for others (libp2p's default).
+        Off, a NATed node still trains over the connections it opens (``reachability``)."""
         self.averager: _PayloadAverager | None = None
+        self.initial_peers = [str(a) for a in initial_peers]
         self.admission, self.token = admission, token
         self._handoff: Path | None = None
         key_folder = None
@@ -403,6 +498,10 @@ class SwarmNode:
                 identity_path=identity_path,
                 check_if_identity_free=identity is None,  # hivemind's check reads RSA identities only
                 record_validators=[SignedRecordValidator(admission)],
+                use_relay=True,  # dial others through relays (hivemind's default, said here)
+                use_auto_relay=relay,
+                # fed first as relay candidates; p2pd stops on one it cannot parse, so only checked ones
+                trusted_relays=[a for a in self.initial_peers if valid_multiaddr(a)] if relay else None,
                 start=True,
             )
         except Exception as error:  # hivemind raises many types when a bootstrap peer is unreachable
@@ -413,6 +512,22 @@ class SwarmNode:
         if identity is not None and self.p2p_id != libp2p_id_of(identity.public_key_hex):
             self.dht.shutdown()
             raise TransportError(f"the libp2p daemon took id {self.p2p_id}, not the one of this peer's key")
+        self.dht.run_coroutine(_serve_dial_back)
+
+    def reachability(self, timeout: float = 8.0) -> Reachability:
+        """Whether other peers can dial this node: a few nodes it is connected to (its bootstrap peers
+        first) each try to open a new connection to it, and say from where they see it; with the
+        node's own addresses (a relay's, once libp2p holds a reservation), one line for the volunteer
+        (``peer.reachability.judge``). Takes up to ``timeout`` seconds."""
+        addresses = self.dht.run_coroutine(_latest_maddrs)
+        port = listen_port(addresses)
+        bootstrap = [p for a in self.initial_peers if (p := peer_id_of(a)) is not None]
+        connected = self.dht.run_coroutine(_connected_peers)
+        holders = [p for p in dict.fromkeys([*bootstrap, *connected]) if p != self.p2p_id][:_DIAL_BACK_ASKED]
+        answers = []
+        if port is not None and holders:
+            answers = self.dht.run_coroutine(partial(_ask_dial_back, holders=holders, port=port, timeout=timeout))
+        return judge(addresses=addresses, dial_backs=[DialBack(asked=h, observed=o, connected=c) for h, o, c in answers])
 
     def admit(self, admission: Admission | None, token: bytes = b"") -> None:
         """The run is known now: gate this node's DHT storage with ``admission`` (None: public) and
@@ -435,9 +550,13 @@ class SwarmNode:
         state_source: StateSource | None = None,
         client_mode: bool = False,
         blobs: Path | None = None,
+        evidence: Path | None = None,
+        upload_rate: float | None = None,
+        download_rate: float | None = None,
     ) -> None:
         """Start exchanging payloads of up to ``payload_limit`` bytes on ``prefix``; serve
-        ``state_source`` to joiners.
+        ``state_source`` to joiners, the run's files in ``blobs`` and this peer's work evidence
+        in ``evidence`` (``peer.evidence``); pace traffic to the rates given (bytes per second).
 
         Call from the main thread: hivemind's averager sets SIGINT to "ignore" in the calling
         process when it starts (so Ctrl+C would stop working); we put the handler back.
@@ -457,8 +576,11 @@ class SwarmNode:
                 handoff=self._handoff_folder(),
                 kept=(averaging.max_contributors + 1) * _KEPT_ROUNDS,
                 blobs=blobs,
+                evidence=evidence,
                 admission=self.admission,
                 token=self.token,
+                upload_rate=upload_rate,
+                download_rate=download_rate,
             )
         finally:
             signal.signal(signal.SIGINT, sigint)
@@ -492,9 +614,11 @@ class SwarmNode:
         ``notify`` (libp2p ids) to fetch a copy now; returns the sha256."""
         return self._need_averager().hold(payload, notify)
 
-    def fetch_blob(self, digest: str, limit: int, holders: Sequence[str], destination: Path, timeout: float) -> bool:
-        """A blob from the first of ``holders`` that serves it, written to ``destination`` (unchecked)."""
-        return self._need_averager().fetch_blob(digest, limit, holders, destination, timeout)
+    def fetch_blob(self, digest: str, limit: int, holders: Sequence[str], destination: Path, timeout: float,
+                   *, by_content: bool = True) -> bool:
+        """A blob from the first of ``holders`` that serves it, written to ``destination``
+        (``by_content``: checked against ``digest``; False: the caller checks what it is)."""
+        return self._need_averager().fetch_blob(digest, limit, holders, destination, timeout, by_content=by_content)
 
     def fetch_payloads(self, wanted: Sequence[tuple[str, int, Sequence[str]]], timeout: float) -> dict[str, bytes]:
         """Fetch ``(sha256, size, holders)`` payloads (holders: libp2p ids, asked in turn), checked

@@ -26,7 +26,8 @@ def run_command(prog: str, command: Callable[[], int], *, also: tuple[type[Excep
     """Run a tool's command and map failures to one stderr line and an exit code.
 
     ``InputError`` (bad input, usage) exits 2; any other ``BarnraiseError`` (and the types in
-    ``also``, e.g. ``OSError`` for a port already taken) exits 1; Ctrl+C exits 130.
+    ``also``, e.g. ``OSError`` for a port already taken) exits 1; Ctrl+C exits 130, with one line
+    too: ``PROG: interrupted``, or ``PROG: `` and the ``KeyboardInterrupt``'s own message.
     """
     try:
         return command()
@@ -37,5 +38,6 @@ def run_command(prog: str, command: Callable[[], int], *, also: tuple[type[Excep
         text = getattr(error, "strerror", None) or str(error)
         print(f"{prog}: error: {text}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
+    except KeyboardInterrupt as interrupt:
+        print(f"{prog}: {str(interrupt) or 'interrupted'}", file=sys.stderr)
         return 130

@@ -179,6 +179,9 @@ class Availability:
     """One line per member left out: its payload was held by nobody but its author."""
     rejected: tuple[str, ...]
     """One line per receipt not counted, saying why."""
+    witnessed: frozenset[str] = frozenset()
+    """Key ids of the kept members whose payload another announcer signed it held: the evidence a
+    round's credit rests on (a lone announcer is kept, unwitnessed, and earns no credit)."""
 
 
 def available(decision: RoundDecision, receipts: Mapping[str, bytes], *, run_id: str,
@@ -205,16 +208,18 @@ def available(decision: RoundDecision, receipts: Mapping[str, bytes], *, run_id:
         for digest in receipt.held:
             holders.setdefault(digest, []).append(receipt.peer_id)
     alone = len(announcers) == 1
-    kept, dropped = [], []
+    kept, dropped, witnessed = [], [], set()
     for member in decision.members:
         others = [p for p in holders.get(member.payload_sha256, ()) if p != member.peer_id]
+        if others:
+            witnessed.add(member.peer_id)
         if others or alone:
             kept.append(member)
         else:
             dropped.append(f"{member.peer_id}: its payload {member.payload_sha256[:16]} was held by nobody else")
     by_id = {p: announcers[p].p2p_id for p in announcers}
     return Availability(tuple(kept), {d: tuple(by_id[p] for p in ps) for d, ps in holders.items()},
-                        tuple(dropped), tuple(rejected))
+                        tuple(dropped), tuple(rejected), frozenset(witnessed))
 
 
 def _check_receipt(subkey: object, raw: object, *, decision: RoundDecision, run_id: str,

@@ -11,7 +11,7 @@ from collections.abc import Iterable, Sequence
 from typing import Any
 
 from protocol.errors import ChainError, MalformedRecord
-from protocol.records import GENESIS_PREV, Contribution, FileRecord, LedgerEntry
+from protocol.records import GENESIS_PREV, Contribution, FileRecord, LedgerEntry, SpotCheck
 from protocol.signing import SigningKey
 from protocol.wire import MAX_RECORD_BYTES
 
@@ -41,6 +41,7 @@ def next_entry(
     files: Sequence[FileRecord],
     contributors: Iterable[Contribution],
     heldout_loss: float | None,
+    checks: Iterable[SpotCheck] = (),
 ) -> LedgerEntry:
     """Sign the entry that follows ``previous`` (or the genesis entry when it is None)."""
     ordered = sorted(contributors, key=lambda c: c.peer_id)
@@ -57,6 +58,7 @@ def next_entry(
         contributors=ordered,
         total_samples=sum(c.samples for c in ordered),
         heldout_loss=heldout_loss,
+        checks=sorted(checks, key=lambda c: (c.round, c.peer_id)),
     )
     verify_link(previous, entry, key.public_key_hex)
     return entry
@@ -88,6 +90,11 @@ def verify_link(previous: LedgerEntry | None, entry: LedgerEntry, public_key_hex
         raise ChainError(f"{what}: total_samples is not the sum of its contributors' samples")
     if len({f.name for f in entry.files}) != len(entry.files):
         raise ChainError(f"{what}: two files share a name")
+    keys = [(c.round, c.peer_id) for c in entry.checks]
+    if keys != sorted(set(keys)):
+        raise ChainError(f"{what}: spot checks must be sorted by round and peer id without repeats")
+    if entry.checks and (entry.kind == "genesis" or entry.checks[-1].round >= entry.round):
+        raise ChainError(f"{what}: a spot check must be of a round before the checkpoint's")
 
 
 def verify_chain(entries: Sequence[LedgerEntry], public_key_hex: str, *, run_id: str | None = None) -> None:

@@ -32,6 +32,7 @@ __all__ = [
     "AveragingConfig",
     "CheckpointConfig",
     "AccessConfig",
+    "ChecksConfig",
     "RunConfig",
     "RunManifest",
     "SignedManifest",
@@ -302,6 +303,24 @@ class AccessConfig:
     mode: Literal["public", "private"] = "public"
 
 
+@dataclass(frozen=True, kw_only=True)
+class ChecksConfig:
+    """Spot checks of the volunteers' work (docs/protocol.md §10.6). The coordinator draws each
+    member of a replayed round with probability 1 / ``spot_check_every`` and replays its round from
+    the consensus and that peer's own evidence (its inner AdamW state and residual at the round's
+    start), on that peer's windows, and compares the payload it would have sent with the one it
+    sent. A peer whose payload does not match, or that does not serve its evidence, loses that
+    round's credit, and the next ledger entry says so. 0: no spot checks. Needs synchronous rounds
+    (``averaging.overlap = false``): an overlapped round's start depends on the landing of the
+    round before, which the evidence does not hold."""
+
+    spot_check_every: int = 0
+
+    def __post_init__(self) -> None:
+        _require(isinstance(self.spot_check_every, int) and 0 <= self.spot_check_every <= 1_000_000,
+                 "checks.spot_check_every must lie in [0, 1000000] (0: no spot checks)")
+
+
 _TOML_DOT_BUDGET = 10_000_000
 """Most sum over RUN.toml's lines of (the '.' on the line) squared. tomllib reads a dotted key in
 time quadratic in its parts (40,000 parts: half a minute); this allows a line of 3,000 floats."""
@@ -315,7 +334,7 @@ _SECTIONS: dict[str, type] = {
 }
 
 
-_OPTIONAL_SECTIONS: dict[str, type] = {"access": AccessConfig}
+_OPTIONAL_SECTIONS: dict[str, type] = {"access": AccessConfig, "checks": ChecksConfig}
 """Sections a manifest carries only when they differ from their defaults, so that the manifests
 (and run ids) of runs that do not use them stay what they were. Written explicitly at their
 default, they are refused: one config, one encoding."""
@@ -397,7 +416,7 @@ def _section_wire(section: Any) -> dict[str, Any]:
 
 @dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """What a coordinator writes in RUN.toml: a name, the five sections, and ``[access]``."""
+    """What a coordinator writes in RUN.toml: a name, the five sections, and ``[access]`` and ``[checks]``."""
 
     name: str
     """Human-readable run name (letters, digits, ``-`` and ``_``)."""
@@ -407,6 +426,7 @@ class RunConfig:
     averaging: AveragingConfig = field(default_factory=AveragingConfig)
     checkpoints: CheckpointConfig = field(default_factory=CheckpointConfig)
     access: AccessConfig = field(default_factory=AccessConfig)
+    checks: ChecksConfig = field(default_factory=ChecksConfig)
 
     def __post_init__(self) -> None:
         ok = isinstance(self.name, str) and 0 < len(self.name) <= 64
@@ -414,6 +434,8 @@ class RunConfig:
         _require(ok, f"run.name {_shown(self.name)} must be 1-64 letters, digits, '-' or '_'")
         if not self.model.config:
             _require(self.model.n_positions >= self.data.seq_len, "model.n_positions must be at least data.seq_len")
+        _require(not (self.checks.spot_check_every and self.averaging.overlap),
+                 "checks.spot_check_every needs averaging.overlap = false (an overlapped round cannot be replayed)")
 
     @classmethod
     def from_toml(cls, text: str) -> RunConfig:

@@ -22,7 +22,8 @@ address). Everything else is refused. That includes:
 
 - relayed addresses (``…/p2p/<relay>/p2p-circuit/p2p/<target>``): hivemind takes the *first*
   ``/p2p`` id as the peer to bootstrap from, so the node would take the relay, a third party
-  the record's signer chose, for the peer. Barnraise's nodes do not relay;
+  the record's signer chose, for the peer. A NATed node's relayed address is reachable through
+  the swarm's own connections, and is not offered as a bootstrap address (docs/protocol.md §10.7);
 - other transports and protocols (udp, quic, ws, ``/ip6zone``, ``/unix``);
 - ``/dnsaddr``, whose TXT records expand into further addresses nobody has checked;
 - whitespace, empty components and any character outside ASCII.
@@ -46,6 +47,7 @@ __all__ = [
     "BOOTSTRAP_MAX_ADDRESSES",
     "CheckedMultiaddrs",
     "valid_multiaddr",
+    "multiaddr_problem",
     "valid_peer_id",
     "peer_id_of",
     "checked_multiaddrs",
@@ -149,6 +151,27 @@ def valid_multiaddr(text: object, *, require_p2p: bool = True) -> bool:
     check_host = _HOSTS.get(parts[1])
     return (parts[0] == "" and check_host is not None and check_host(parts[2])
             and parts[3] == "tcp" and bool(_PORT.match(parts[4])) and int(parts[4]) <= 65535)
+
+
+def multiaddr_problem(text: str) -> str | None:
+    """Why ``text`` is not a multiaddr a node may bootstrap from (``valid_multiaddr``), in a few
+    words for a user's one-line error; None when it is one."""
+    if valid_multiaddr(text):
+        return None
+    if not 0 < len(text) <= MAX_MULTIADDR_CHARS or not text.isascii():
+        return f"not 1 to {MAX_MULTIADDR_CHARS} ASCII characters"
+    parts = text.split("/")
+    if parts[0] != "" or parts[1] not in _HOSTS:
+        return "it must start with /ip4/, /ip6/, /dns/, /dns4/ or /dns6/"
+    if len(parts) < 3 or not _HOSTS[parts[1]](parts[2]):
+        return f"/{parts[1]} must be followed by a valid host"
+    if len(parts) < 5 or parts[3] != "tcp" or not _PORT.match(parts[4]) or int(parts[4]) > 65535:
+        return "the host must be followed by /tcp/PORT (1 to 65535)"
+    if len(parts) == 5:
+        return "it has no /p2p/<peer id> part"
+    if len(parts) != 7 or parts[5] != "p2p":
+        return "only /p2p/<peer id> may follow the port"
+    return f"{parts[6]!r} is not a libp2p peer id"
 
 
 def peer_id_of(text: str) -> str | None:

@@ -18,7 +18,7 @@ from protocol.signing import SigningKey, key_id, verify_signature
 from protocol.wire import MAX_RECORD_BYTES, PROTOCOL_VERSION, Field, canonical_bytes, check_fields, decode_map, is_hex
 
 __all__ = ["PeerProgress", "RoundAnnouncement", "PayloadReceipt", "JoinToken", "FileRecord", "Contribution",
-           "LedgerEntry", "GENESIS_PREV", "seal", "unseal"]
+           "LedgerEntry", "SpotCheck", "SPOT_VERDICTS", "MAX_CHECKS", "GENESIS_PREV", "seal", "unseal"]
 
 GENESIS_PREV = "0" * 64
 """The ``prev`` of the genesis entry."""
@@ -378,6 +378,40 @@ class Contribution:
     )
 
 
+SPOT_VERDICTS = ("passed", "failed", "unanswered")
+"""A spot check's outcome (docs/protocol.md §10.6): the replay matched; it did not (the round's
+credit is withdrawn); the peer did not serve its evidence in time (withdrawn too: no evidence, no credit)."""
+MAX_CHECKS = 256
+"""Spot checks one ledger entry lists."""
+
+
+@dataclass(frozen=True)
+class SpotCheck:
+    """One spot check of a member's round, as a ledger entry records it."""
+
+    peer_id: str
+    round: int
+    verdict: str
+    """One of ``SPOT_VERDICTS``."""
+    samples: int
+    """The round's samples by this peer (its announced weight): withdrawn from its credit unless passed."""
+    payload_sha256: str
+    evidence_sha256: str
+    """sha256 of the evidence file the replay started from ("" when unanswered)."""
+
+    FIELDS: ClassVar[tuple[Field, ...]] = (
+        Field("peer_id", str, lambda v: is_hex(v, 16)),
+        Field("round", int, _non_negative),
+        Field("verdict", str, lambda v: v in SPOT_VERDICTS, "passed, failed or unanswered"),
+        Field("samples", int, _non_negative),
+        Field("payload_sha256", str, _hex64, "64 hex digits"),
+        Field("evidence_sha256", str, lambda v: v == "" or is_hex(v, 64), "64 hex digits or empty"),
+    )
+
+
+_CHECKS = Field("checks", list, lambda v: 0 < len(v) <= MAX_CHECKS, f"1 to {MAX_CHECKS} spot checks")
+
+
 @dataclass(frozen=True, kw_only=True)
 class LedgerEntry(_Signed):
     """One link of the ledger: a genesis or checkpoint record, chained by ``prev``, signed."""
@@ -419,12 +453,30 @@ class LedgerEntry(_Signed):
     heldout_loss: float | None
     """Held-out loss (nats/byte) the coordinator measured on this checkpoint, if any."""
     signer: str
+    checks: list[SpotCheck] = dataclasses.field(default_factory=list)
+    """Spot checks since the entry before (``SpotCheck``). Written only when there are any, so an
+    entry without checks has the same bytes, hash and signature as before checks existed."""
     signature: str = ""
+
+    def to_wire(self) -> dict[str, Any]:
+        wire = super().to_wire()
+        if not wire["checks"]:
+            del wire["checks"]
+        return wire
+
+    @classmethod
+    def from_wire(cls, mapping: Any) -> LedgerEntry:
+        if not isinstance(mapping, Mapping):
+            raise MalformedRecord(f"{cls.WHAT}: expected a map")
+        fields = (*cls.FIELDS, _CHECKS) if "checks" in mapping else cls.FIELDS
+        return cls(**cls._nested_from_wire(check_fields(mapping, fields, what=cls.WHAT)))
 
     @classmethod
     def _nested_from_wire(cls, values: dict[str, Any]) -> dict[str, Any]:
         values["files"] = [_nested(FileRecord, f, "ledger entry file") for f in values["files"]]
         values["contributors"] = [_nested(Contribution, c, "ledger entry contributor") for c in values["contributors"]]
+        if "checks" in values:
+            values["checks"] = [_nested(SpotCheck, c, "ledger entry spot check") for c in values["checks"]]
         return values
 
     @property

@@ -23,9 +23,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+import coordinator.audit
 from coordinator.audit import audit, file_record, hash_safetensors_file, main, read_ledger, verify_checkpoint_files
 from protocol.errors import HashMismatch, InputError
-from protocol.hashing import checkpoint_root, tensor_digests
+from protocol.hashing import DTYPE_NAMES, checkpoint_root, tensor_digests
 from protocol.ledger import entry_to_json, next_entry
 from protocol.records import Contribution, LedgerEntry
 from protocol.signing import SigningKey, key_id, public_key_to_pem
@@ -426,6 +427,159 @@ def test_hash_of_a_bad_path_exits_2(tmp_path: Path, capsys: pytest.CaptureFixtur
 
 def test_the_audit_tool_imports_no_networking_or_peer_code() -> None:
     probe = ("import sys, coordinator.audit; "
-             "print(sorted({m.split('.')[0] for m in sys.modules} & {'hivemind', 'aiohttp', 'peer', 'uvloop'}))")
+             "print(sorted({m.split('.')[0] for m in sys.modules} & "
+             "{'hivemind', 'aiohttp', 'peer', 'uvloop', 'torch', 'transformers', 'datasets'}))")
     result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True)
     assert result.stdout.strip() == "[]"
+
+
+# --- the canonical hash, computed from the file's bytes (no torch) ------------------------------
+
+
+def _sample(dtype: torch.dtype, shape: tuple[int, ...], generator: torch.Generator) -> torch.Tensor:
+    if dtype == torch.bool:
+        return torch.rand(shape, generator=generator) > 0.5
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=generator).to(dtype)
+    low = 0 if dtype == torch.uint8 else -100
+    return torch.randint(low, 100, shape, generator=generator).to(dtype)
+
+
+@pytest.mark.parametrize("dtype", list(DTYPE_NAMES), ids=list(DTYPE_NAMES.values()))
+def test_file_digests_equal_the_torch_reference_for_every_dtype(tmp_path: Path, dtype: torch.dtype,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    generator = torch.Generator().manual_seed(1)
+    tensors = {"matrix": _sample(dtype, (3, 5), generator), "scalar": _sample(dtype, (), generator),
+               "empty": _sample(dtype, (0, 4), generator), "transposed": _sample(dtype, (4, 2), generator).T.contiguous(),
+               "ünïcode.name": _sample(dtype, (7,), generator)}
+    path = tmp_path / "x.safetensors"
+    save_file(tensors, str(path))
+    monkeypatch.setattr(coordinator.audit, "_CHUNK_BYTES", 7)  # tensors span several reads, cut mid-element
+    hashes = hash_safetensors_file(path)
+    assert hashes.tensors == tensor_digests(tensors)
+    assert hashes.root == checkpoint_root(tensors)
+
+
+def test_a_bool_byte_other_than_0_or_1_hashes_as_torch_reads_it(tmp_path: Path) -> None:
+    path = tmp_path / "x.safetensors"
+    save_file({"mask": torch.tensor([True, False, True])}, str(path))
+    raw = bytearray(path.read_bytes())
+    raw[_data_offset(path, "mask")] = 0x02  # torch loads it as True
+    path.write_bytes(bytes(raw))
+    assert hash_safetensors_file(path).tensors == tensor_digests({"mask": torch.tensor([True, False, True])})
+
+
+def test_a_header_naming_a_tensor_twice_is_not_valid_safetensors(tmp_path: Path) -> None:
+    spec = '{"dtype":"F32","shape":[1],"data_offsets":[0,4]}'
+    header = f'{{"a":{spec},"a":{spec}}}'.encode()
+    path = tmp_path / "x.safetensors"
+    path.write_bytes(len(header).to_bytes(8, "little") + header + b"\0" * 4)
+    with pytest.raises(InputError, match="x.safetensors: not a valid safetensors file"):
+        hash_safetensors_file(path)
+
+
+# --- --format json --------------------------------------------------------------------------------
+
+
+def test_verify_format_json_reports_the_ledger_and_each_checkpoint(run: Run,
+                                                                   capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _audit([*run.full_args(), "--format", "json"], capsys)
+    assert (status, err) == (0, "")
+    report = json.loads(out)
+    assert {k: report[k] for k in ("version", "command", "ok", "error", "problems", "export")} == {
+        "version": 1, "command": "verify", "ok": True, "error": None, "problems": [], "export": None}
+    assert report["ledger"] == {"ok": True, "entries": 3, "run_id": RUN_ID, "last_round": 10,
+                                "key_id": key_id(run.key.public_key_hex)}
+    assert [(c["seq"], c["round"], c["ok"], c["problem"], c["files"], c["tensors"]) for c in report["checkpoints"]] \
+        == [(0, 0, True, None, 2, 6), (1, 5, True, None, 2, 6), (2, 10, True, None, 2, 6)]
+    assert [c["checkpoint_root"] for c in report["checkpoints"]] == [e.checkpoint_root for e in run.entries]
+    assert report["checkpoints"][1]["bytes"] == sum(r.size for r in run.entries[1].files)
+
+
+def test_verify_format_json_without_checkpoints_says_they_were_not_checked(run: Run,
+                                                                           capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, _ = _audit([*run.args(), "--format", "json"], capsys)
+    assert status == 0
+    assert json.loads(out)["checkpoints"] is None
+
+
+def test_verify_format_json_goes_on_past_a_failed_checkpoint(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    path = run.file(5, "model.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[_data_offset(path, ATTN) + 5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    run.file(10, "outer.safetensors").unlink()
+    text_status, _, text_err = _audit(run.full_args(), capsys)
+    status, out, err = _audit([*run.full_args(), "--format", "json"], capsys)
+    assert status == text_status == 1
+    assert err == text_err  # the same one line, naming the first failure
+    report = json.loads(out)
+    assert report["ok"] is False
+    assert report["problems"] == [
+        f"ledger entry 1, file model.safetensors, tensor {ATTN}: digest does not match the ledger",
+        "ledger entry 2, file outer.safetensors: missing (expected r000010/outer.safetensors)"]
+    assert [c["ok"] for c in report["checkpoints"]] == [True, False, False]
+    assert [c["problem"] for c in report["checkpoints"]] == [None, *report["problems"]]
+    assert _one_line(err) == f"audit failed: {report['problems'][0]}"
+
+
+def test_verify_format_json_with_a_bad_signature_checks_no_file(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    run.public_key.write_bytes(public_key_to_pem(SigningKey.generate().public_key_hex))
+    status, out, err = _audit([*run.full_args(), "--format", "json"], capsys)
+    assert status == 1
+    report = json.loads(out)
+    assert report["ledger"]["ok"] is False and report["checkpoints"] is None
+    assert len(report["problems"]) == 1 and report["problems"][0].startswith("ledger entry 0: signature is by key ")
+    assert _one_line(err) == f"audit failed: {report['problems'][0]}"
+
+
+def test_verify_format_json_checks_an_export(run: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.safetensors").write_bytes(run.file(5, "model.safetensors").read_bytes())
+    status, out, err = _audit([*run.args("--export", str(export)), "--format", "json"], capsys)
+    assert (status, err) == (0, "")
+    assert json.loads(out)["export"] == {"ok": True, "path": str(export), "problem": None, "seq": 1, "round": 5,
+                                         "checkpoint_root": run.entries[1].checkpoint_root}
+    save_file({"x": torch.ones(2)}, str(export / "model.safetensors"))
+    status, out, err = _audit([*run.args("--export", str(export)), "--format", "json"], capsys)
+    assert status == 1
+    report = json.loads(out)
+    assert report["export"]["ok"] is False and report["export"]["seq"] is None
+    assert report["problems"] == [report["export"]["problem"]]
+    assert "which no ledger entry signed" in report["export"]["problem"]
+
+
+def test_format_json_on_unusable_input_prints_the_error_and_exits_2(run: Run,
+                                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    run.ledger.unlink()
+    status, out, err = _audit([*run.full_args(), "--format", "json"], capsys)
+    assert status == 2
+    report = json.loads(out)
+    assert report == {"version": 1, "command": "verify", "ok": False, "problems": [],
+                      "error": f"cannot read ledger {run.ledger}: No such file or directory"}
+    assert _one_line(err) == f"barnraise-audit: error: {report['error']}"
+
+
+def test_hash_format_json(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    folder = run.checkpoints / "r000010"
+    status, out, err = _audit(["hash", str(folder), "--format", "json", "--tensors"], capsys)
+    assert (status, err) == (0, "")
+    report = json.loads(out)
+    assert (report["version"], report["command"], report["ok"], report["error"]) == (1, "hash", True, None)
+    model, outer = report["files"]
+    path = folder / "model.safetensors"
+    assert model == {"path": str(path), "size": path.stat().st_size,
+                     "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+                     "checkpoint_root": run.entries[2].files[0].root,
+                     "tensors": tensor_digests(run.tensors[10, "model.safetensors"])}
+    assert list(model["tensors"]) == sorted(model["tensors"])
+    assert outer["path"] == str(folder / "outer.safetensors")
+    status, out, _ = _audit(["hash", str(path), "--format", "json"], capsys)
+    assert status == 0 and json.loads(out)["files"][0]["tensors"] is None
+
+
+def test_format_takes_only_text_or_json(run: Run, capsys: pytest.CaptureFixture[str]) -> None:
+    status, out, err = _audit([*run.args(), "--format", "yaml"], capsys)
+    assert (status, out) == (2, "")
+    assert "invalid choice: 'yaml'" in _one_line(err)

@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
+import signal
 import socket
 import subprocess
 import time
@@ -94,6 +96,38 @@ def test_join_usage_error_is_one_line(procs: Processes, tmp_path: Path):
     result.assert_one_line_error(2, "--coordinator", "--initial-peers")
 
 
+_UNREACHABLE_PEER = "/ip4/127.0.0.1/tcp/{port}/p2p/QmSGygx5JKs2aEv7bKvbdSRfrYtXBW5MXjAT5ZV3knkPoe"
+
+
+def test_join_with_a_malformed_initial_peer_is_one_line_and_exit_2(procs: Processes, tmp_path: Path):
+    result = procs.run("peer.cli", "join", "--initial-peers", "/ip4/127.0.0.1/tcp/4001", "--workdir", tmp_path / "p")
+    result.assert_one_line_error(2, "barnraise-peer: error: --initial-peers /ip4/127.0.0.1/tcp/4001:",
+                                 "no /p2p/<peer id> part")
+    assert not (tmp_path / "p").exists()
+
+
+def test_join_with_a_mistyped_coordinator_key_path_names_the_flag_and_file(procs: Processes, tmp_path: Path):
+    result = procs.run("peer.cli", "join", "--coordinator", f"http://127.0.0.1:{_closed_port()}",
+                       "--coordinator-key", "nosuch.pub", "--workdir", tmp_path / "p")
+    result.assert_one_line_error(2, "--coordinator-key nosuch.pub: no such file, and not a PEM or hex public key")
+
+
+def test_ctrl_c_while_joining_is_one_line_and_130(procs: Processes, tmp_path: Path):
+    """Ctrl+C in a terminal reaches the whole process group: the peer and any helper it started."""
+    peer = procs.start("joining", "peer.cli", "join", "--initial-peers", _UNREACHABLE_PEER.format(port=_closed_port()),
+                       "--workdir", tmp_path / "p", "--host", "127.0.0.1", "--threads", "1")
+    time.sleep(3.0)  # loading, or starting its DHT node: before any round
+    assert peer.running, peer.tail()
+    os.killpg(peer.pid, signal.SIGINT)
+    try:
+        code = peer.process.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"the peer did not exit within 30 s of Ctrl+C while joining\n{peer.tail()}")
+    lines = peer.stderr().strip().splitlines()
+    assert code == 130 and len(lines) == 1 and lines[0].startswith("barnraise-peer: interrupted"), peer.tail()
+    assert "Traceback" not in peer.output() + peer.stderr(), peer.tail()
+
+
 # --- against one running coordinator -----------------------------------------------------------
 
 SERVED_RUN = """\
@@ -148,11 +182,18 @@ def test_ctrl_c_stops_a_training_peer(procs: Processes, served: Served, tmp_path
     workdir = tmp_path / "p"
     peer = procs.peer("peer", served.url, workdir, "--coordinator-key", served.public_key)
     wait_for_line(peer, "joined run t", 90)
+    addresses = wait_for_line(peer, "this peer's addresses", 10)
+    own = json.loads((workdir / "run.json").read_text())
+    assert own["coordinator_url"] == served.url and own["maddrs"] and all("/p2p/" in a for a in own["maddrs"])
+    assert addresses.endswith(" ".join(own["maddrs"])), addresses
     daemons = wait_until(peer.p2pd, 10, "the peer's p2pd", must_run=[peer])
     time.sleep(1.5)  # into the first round's inner steps
     assert peer.running, peer.tail()
     started = time.monotonic()
     peer.interrupt()
+    # acknowledged at once, whatever the round in flight still takes
+    notice = wait_for_line(peer, "stopping: ", 5, must_run=False)
+    assert "Ctrl+C again to leave now" in notice, notice
     try:
         code = peer.process.wait(timeout=40)
     except subprocess.TimeoutExpired:
@@ -184,6 +225,21 @@ def test_a_lone_peer_reports_a_round_of_one_contributor(lone_round):
     assert "Traceback" not in result.stderr
 
 
+def test_status_reads_back_what_a_lone_peer_wrote(procs: Processes, lone_round):
+    _, workdir = lone_round
+    (only,) = read_rounds(workdir)
+    result = procs.run("peer.cli", "status", "--workdir", workdir, "--format", "json")
+    assert result.returncode == 0 and not result.stderr, result.stderr
+    status = json.loads(result.stdout)
+    assert status["rounds"]["total"] == status["rounds"]["entered"] == 1, status
+    assert status["samples"] == only["samples"] and status["last_round"] == only["round"], status
+    assert status["run_name"] == "t" and status["coordinator_url"].startswith("http://127.0.0.1:"), status
+    asked = procs.run("peer.cli", "status", "--workdir", workdir, "--coordinator")
+    assert asked.returncode == 0 and not asked.stderr, asked.stderr
+    (line,) = [line for line in asked.stdout.splitlines() if line.startswith("coordinator ")]
+    assert re.match(rf"coordinator   {re.escape(status['coordinator_url'])}: round \d+, \d+ live peers; ", line), line
+
+
 # --- barnraise-audit --------------------------------------------------------------------------
 
 
@@ -213,3 +269,28 @@ def test_audit_verify_a_live_ledger_and_its_bad_inputs(procs: Processes, served:
     other.write_bytes(public_key_to_pem(SigningKey.generate().public_key_hex))
     wrong_key = procs.run("coordinator.audit", "verify", "--ledger", f"{served.url}/ledger.jsonl", "--public-key", other)
     wrong_key.assert_one_line_error(1, "audit failed:", "ledger entry 0", "not by the given public key")
+
+
+# --- pause and resume (last: its rounds may add a checkpoint to the ledger the tests above count) ---------------
+
+
+def test_a_paused_peer_sits_rounds_out_and_rejoins_at_a_round_boundary(procs: Processes, served: Served,
+                                                                      tmp_path: Path):
+    workdir = tmp_path / "p"
+    peer = procs.peer("pausing", served.url, workdir)
+    wait_for_line(peer, "joined run t", 90)
+    (workdir / "pause").touch()
+    paused = wait_for_line(peer, "paused: ", 40)
+    assert f"{workdir / 'pause'} exists" in paused, paused
+    logged = len(read_rounds(workdir))  # the round in flight was settled (and logged) before the line
+    time.sleep(10)  # more than a round: nothing is announced, nothing logged
+    assert len(read_rounds(workdir)) == logged and peer.running, peer.tail()
+    (workdir / "pause").unlink()
+    rejoin = int(wait_for_line(peer, "resumed: ", 10).rsplit(" ", 1)[1])
+    wait_until(lambda: len(read_rounds(workdir)) > logged, 60, "a round after the pause", must_run=[peer])
+    assert all(r["round"] >= rejoin and r["failure"] is None for r in read_rounds(workdir)[logged:]), peer.tail()
+    os.kill(peer.pid, signal.SIGUSR1)
+    assert "SIGUSR1" in wait_for_line(peer, "paused: SIGUSR1", 40)
+    os.kill(peer.pid, signal.SIGUSR1)
+    assert procs.stop(peer, grace=60) == [0], peer.tail()
+    assert "Traceback" not in peer.stderr(), peer.tail()

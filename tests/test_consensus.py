@@ -134,8 +134,10 @@ def test_a_member_stays_only_if_a_peer_other_than_its_author_holds_its_payload()
     assert len(result.dropped) == 1 and records[3].peer_id in result.dropped[0]
     assert set(result.holders[digests[2]]) == {records[0].p2p_id, records[1].p2p_id}
     assert _available(decision, list(reversed(receipts))).members == result.members, "order-free"
+    assert result.witnessed == {r.peer_id for r in records[:3]}, "credit rests on another peer's receipt"
     alone = _decide(records[:1])
     assert _available(alone, []).members == alone.members, "the round's only announcer needs no receipt"
+    assert _available(alone, []).witnessed == frozenset(), "but nobody witnessed it: no credit"
 
 
 @pytest.mark.parametrize(("change", "why"), [
@@ -371,6 +373,7 @@ def test_a_payload_announced_and_withheld_is_left_out_by_every_peer_and_the_roun
     assert all(o.members == 3 and o.entered for o in outcomes), "the three honest payloads are in"
     assert all(not o.decision.holds(withheld.peer_id) for o in outcomes)
     assert all(any("held by nobody else" in line for line in o.decision.rejected) for o in outcomes)
+    assert all(o.dropped == 1 and {p for p, _ in o.credit} == {h.peer_id for h in honest} for o in outcomes)
     updates = {hashlib.sha256(o.update.numpy().tobytes()).hexdigest() for o in outcomes}
     assert len(updates) == 1
     follower = _peers(1, 16, swarm)[0]  # a replay later reads the same receipts: the same update
@@ -393,3 +396,4 @@ def test_the_rounds_only_announcer_needs_no_receipt(clock):
     clock.decided(0)
     settled = peer.settle(0, ROOT_A, own)
     assert settled.entered and settled.update is not None and receipt_key(peer.run_id, 0) not in swarm.dht
+    assert settled.credit == (), "a round nobody else could witness earns no ledger credit"
