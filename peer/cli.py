@@ -190,7 +190,14 @@ def _join(args: argparse.Namespace) -> int:
     require_extra("swarm", "barnraise-peer")  # key and status run on the core install too
     initial_peers, pin = _initial_peers(args.initial_peers), _pinned_key(args.coordinator_key)
     token = _token_file(args.token)
-    from peer.runner import PeerOptions, run_peer  # here: --help and argument errors answer at once
+    # here: --help and argument errors answer at once. Loading torch and hivemind takes seconds, and a
+    # KeyboardInterrupt inside an extension's import can leave the interpreter to die by SIGINT at
+    # exit: until they are loaded, Ctrl+C ends the process at once, in one line, with 130
+    previous = signal.signal(signal.SIGINT, _interrupted_while_loading)
+    try:
+        from peer.runner import PeerOptions, run_peer
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
     options = PeerOptions(
         coordinator_url=args.coordinator,
