@@ -42,7 +42,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import ClassVar
 
-from bench.netns import LinkSetupError, _kill_inside, _links, _namespaces, _pid_alive, _run
+from bench.netns import LinkSetupError, _kill_inside, _links, _namespaces, _pid_alive, _run, subnet_user
 from protocol.errors import InputError
 
 __all__ = ["NatLab", "Launcher", "PREFIX", "leftovers", "remove_leftovers", "missing_tools", "running_inside"]
@@ -125,12 +125,9 @@ class NatLab:
 
     def _check_subnet_free(self) -> None:
         """Two labs (or a lab and ``bench.netns``) on one subnet would route into each other."""
-        for line in _run(["ip", "-4", "-o", "addr", "show"]).stdout.splitlines():
-            fields = line.split()
-            address = fields[fields.index("inet") + 1] if "inet" in fields else ""
-            if address and ipaddress.IPv4Interface(address).network.overlaps(self.network):
-                raise LinkSetupError(f"NatLab: {address} on {fields[1]} already uses {self.network}; "
-                                     "another lab runs, or pick another subnet")
+        if (user := subnet_user(self.network)) is not None:
+            raise LinkSetupError(f"NatLab: {user} already uses {self.network}; another lab runs, or pick another "
+                                 "subnet")
 
     def _build(self) -> None:
         self._check_subnet_free()

@@ -48,7 +48,8 @@ from typing import ClassVar
 from bench.counters import read_interface_bytes
 from protocol.errors import BarnraiseError, DeadlineExceeded, InputError
 
-__all__ = ["SlowLinks", "PeerBytes", "LinkSetupError", "measure_mbit", "remove_leftovers", "NS_IFNAME", "PREFIX"]
+__all__ = ["SlowLinks", "PeerBytes", "LinkSetupError", "measure_mbit", "remove_leftovers", "NS_IFNAME", "PREFIX",
+           "subnet_user"]
 
 PREFIX = "brn"
 """First letters of every namespace and link this module creates (then the owner's pid)."""
@@ -126,6 +127,17 @@ def _tbf(rate_mbit: float, burst_bytes: int, latency_ms: float) -> list[str]:
     return ["root", "tbf", "rate", f"{rate_mbit}mbit", "burst", str(burst_bytes), "latency", f"{latency_ms}ms"]
 
 
+def subnet_user(network: ipaddress.IPv4Network) -> str | None:
+    """``ADDRESS on INTERFACE`` of an address in the root namespace inside ``network``, or None:
+    two labs on one subnet would route into each other."""
+    for line in _run(["ip", "-4", "-o", "addr", "show"]).stdout.splitlines():
+        fields = line.split()
+        address = fields[fields.index("inet") + 1] if "inet" in fields else ""
+        if address and ipaddress.IPv4Interface(address).network.overlaps(network):
+            return f"{address} on {fields[1]}"
+    return None
+
+
 class SlowLinks:
     """N peers, each in its own network namespace behind a veth shaped to ``rate_mbit`` both ways.
 
@@ -193,13 +205,8 @@ class SlowLinks:
         self.close()
 
     def _check_subnet_free(self) -> None:
-        for line in _run(["ip", "-4", "-o", "addr", "show"]).stdout.splitlines():
-            fields = line.split()
-            address = fields[fields.index("inet") + 1] if "inet" in fields else ""
-            if address and ipaddress.IPv4Interface(address).network.overlaps(self.network):
-                raise LinkSetupError(
-                    f"SlowLinks: {address} on {fields[1]} already uses {self.network}; pick another subnet"
-                )
+        if (user := subnet_user(self.network)) is not None:
+            raise LinkSetupError(f"SlowLinks: {user} already uses {self.network}; pick another subnet")
 
     def _build(self) -> None:
         prefix = self.network.prefixlen
